@@ -1,0 +1,19 @@
+//! Idempotency keys on both ends of a connection.
+//!
+//! On the client, [`IdempotencyKeyLayer`] gives every logical `POST` and `PATCH` request
+//! one `Idempotency-Key`, so the retry layer may resend it. On the server,
+//! [`IdempotencyLayer`] runs a request with a given key once and replays the stored
+//! response to every retry.
+
+mod key;
+
+use http::HeaderName;
+
+pub(crate) use self::key::LogicalRequest;
+pub use self::key::{IdempotencyKey, IdempotencyKeyLayer, KeyGenerator};
+
+/// The `Idempotency-Key` request header (IETF draft `draft-ietf-httpapi-idempotency-key-header`).
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The response header that marks a replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");

@@ -1,0 +1,53 @@
+//! Tower middleware that makes retries safe.
+//!
+//! - [`RetryLayer`] classifies each attempt's outcome, backs off and retries, and never
+//!   resends a request that is not idempotent after it may have been processed.
+//! - [`IdempotencyKeyLayer`] gives each logical `POST` and `PATCH` one `Idempotency-Key`,
+//!   stable across retries.
+//! - [`IdempotencyLayer`] runs a request with a given key once on the server and replays
+//!   its response to every retry.
+//! - [`RetryMetricsLayer`] records what retries cost, per logical request and per attempt.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub,
+    clippy::all,
+    clippy::dbg_macro,
+    clippy::todo,
+    clippy::unimplemented,
+    clippy::mem_forget,
+    clippy::needless_borrow,
+    clippy::needless_continue,
+    clippy::match_wildcard_for_single_variants,
+    clippy::if_let_mutex,
+    clippy::await_holding_lock,
+    clippy::imprecise_flops,
+    clippy::suboptimal_flops,
+    clippy::lossy_float_literal,
+    clippy::rest_pat_in_fully_bound_structs,
+    clippy::fn_params_excessive_bools,
+    clippy::exit,
+    clippy::inefficient_to_string,
+    clippy::linkedlist,
+    clippy::macro_use_imports,
+    clippy::option_option,
+    clippy::verbose_file_reads,
+    clippy::unnested_or_patterns,
+    clippy::str_to_string
+)]
+
+pub mod backoff;
+pub mod classify;
+pub mod idempotency;
+pub mod metrics;
+pub mod retry;
+mod retry_after;
+
+/// The boxed error type the retry layer returns, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub use crate::idempotency::IdempotencyKeyLayer;
+pub use crate::retry::{RetryLayer, RetryPolicy};

@@ -1,0 +1,387 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use fastrand::Rng;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower_service::Service;
+
+use super::{AttemptTimeout, BackoffSource, DeadlineExceeded, Replay, RetryPolicy, SuppressReason};
+use crate::BoxError;
+use crate::classify::{Classify, Decision};
+use crate::idempotency::LogicalRequest;
+use crate::metrics::AttemptObserver;
+
+/// What the retry layer learns about a logical request before its first attempt.
+pub(super) struct Setup<Req> {
+    copy: Option<Req>,
+    idempotent: bool,
+    observer: Option<AttemptObserver>,
+}
+
+impl<Req> Setup<Req> {
+    /// Inspects and marks `request`, and copies it when a retry is possible.
+    pub(super) fn new<C, R: Replay<Req>>(policy: &RetryPolicy<C, R>, request: &mut Req) -> Self {
+        let idempotent = policy.replay.is_idempotent(request);
+        let retries_allowed = policy.max_attempts > 1;
+
+        let mut observer = None;
+        if let Some(extensions) = policy.replay.extensions_mut(request) {
+            observer = extensions.get::<AttemptObserver>().cloned();
+            // The mark lets an `IdempotencyKeyLayer` below this layer give every attempt
+            // the same key.
+            if retries_allowed && !idempotent {
+                extensions.insert(LogicalRequest::new());
+            }
+        }
+
+        let copy = if retries_allowed {
+            policy.replay.clone_request(request)
+        } else {
+            None
+        };
+
+        Setup {
+            copy,
+            idempotent,
+            observer,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Retry`](super::Retry).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, Req, C, R>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        // One timer per logical request, reset for each use: the per-attempt timeout or
+        // the deadline while an attempt is in flight, the backoff while sleeping, the
+        // deadline while waiting for readiness.
+        #[pin]
+        timer: Option<Sleep>,
+        timer_armed: bool,
+        service: S,
+        policy: Arc<RetryPolicy<C, R>>,
+        // The copy for the next attempt.
+        request: Option<Req>,
+        // The outcome of the previous attempt, returned if no further attempt is made.
+        last: Option<Result<S::Response, BoxError>>,
+        attempts: u32,
+        idempotent: bool,
+        deadline: Option<Instant>,
+        attempt_started: Option<Instant>,
+        observer: Option<AttemptObserver>,
+        rng: Option<Rng>,
+        previous_delay: Duration,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] future: F },
+        Sleeping,
+        Ready,
+        Done,
+    }
+}
+
+impl<S, Req, C, R> ResponseFuture<S, Req, C, R>
+where
+    S: Service<Req>,
+{
+    pub(super) fn new(
+        future: S::Future,
+        service: S,
+        policy: Arc<RetryPolicy<C, R>>,
+        setup: Setup<Req>,
+    ) -> Self {
+        let now = (policy.deadline.is_some()
+            || policy.attempt_timeout.is_some()
+            || setup.observer.is_some())
+        .then(Instant::now);
+        let deadline = now.zip(policy.deadline).map(|(now, limit)| now + limit);
+        let attempt_end = attempt_end(now, policy.attempt_timeout, deadline);
+
+        ResponseFuture {
+            state: State::Called { future },
+            timer: attempt_end.map(sleep_until),
+            timer_armed: attempt_end.is_some(),
+            service,
+            policy,
+            request: setup.copy,
+            last: None,
+            attempts: 1,
+            idempotent: setup.idempotent,
+            deadline,
+            attempt_started: setup.observer.as_ref().and(now),
+            observer: setup.observer,
+            rng: None,
+            previous_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// When the attempt starting at `now` must end: its timeout or the deadline, if sooner.
+fn attempt_end(
+    now: Option<Instant>,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+) -> Option<Instant> {
+    let timeout_end = now.zip(timeout).map(|(now, timeout)| now + timeout);
+    match (timeout_end, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Arms the shared timer for `at`, creating it on first use.
+fn arm(mut timer: Pin<&mut Option<Sleep>>, armed: &mut bool, at: Instant) {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) => sleep.reset(at),
+        None => timer.set(Some(sleep_until(at))),
+    }
+    *armed = true;
+}
+
+/// Polls the timer if it is armed; `Pending` when it is not armed or has not fired.
+fn poll_timer(timer: Pin<&mut Option<Sleep>>, armed: &mut bool, cx: &mut Context<'_>) -> Poll<()> {
+    if !*armed {
+        return Poll::Pending;
+    }
+    let Some(sleep) = timer.as_pin_mut() else {
+        return Poll::Pending;
+    };
+    ready!(sleep.poll(cx));
+    *armed = false;
+    Poll::Ready(())
+}
+
+impl<S, Req, C, R> Future for ResponseFuture<S, Req, C, R>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+    R: Replay<Req>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    let outcome = match future.poll(cx) {
+                        Poll::Ready(result) => result.map_err(Into::into),
+                        Poll::Pending => {
+                            ready!(poll_timer(this.timer.as_mut(), this.timer_armed, cx));
+                            let now = Instant::now();
+                            if this.deadline.is_some_and(|deadline| now >= deadline) {
+                                this.state.set(State::Done);
+                                let deadline = this.policy.deadline.unwrap_or_default();
+                                tracing::warn!(
+                                    attempts = *this.attempts,
+                                    ?deadline,
+                                    "request deadline exceeded during an attempt"
+                                );
+                                return Poll::Ready(Err(DeadlineExceeded { deadline }.into()));
+                            }
+                            let timeout = this.policy.attempt_timeout.unwrap_or_default();
+                            Err(AttemptTimeout { timeout }.into())
+                        }
+                    };
+                    this.state.set(State::Done);
+                    *this.timer_armed = false;
+
+                    let decision = this.policy.classifier.classify(outcome.as_ref());
+                    if let (Some(observer), Some(started)) =
+                        (&*this.observer, *this.attempt_started)
+                    {
+                        observer.attempt(decision, started.elapsed());
+                    }
+
+                    let delay = match next_delay(
+                        decision,
+                        this.policy,
+                        *this.attempts,
+                        *this.idempotent,
+                        this.request.is_some(),
+                        *this.deadline,
+                        this.rng,
+                        *this.previous_delay,
+                    ) {
+                        Ok(delay) => delay,
+                        Err(suppressed) => {
+                            finish(decision, suppressed, *this.attempts, this.observer);
+                            return Poll::Ready(outcome);
+                        }
+                    };
+                    let (delay, source) = delay;
+
+                    tracing::debug!(
+                        attempt = *this.attempts,
+                        reason = decision.reason().map_or("none", |r| r.as_str()),
+                        ?delay,
+                        "retrying request"
+                    );
+                    if let Some(observer) = this.observer {
+                        observer.backoff(delay, source);
+                    }
+                    *this.previous_delay = delay;
+                    *this.last = Some(outcome);
+
+                    if delay.is_zero() {
+                        // A zero delay skips the timer, which would round it up to a tick.
+                        if let Some(deadline) = *this.deadline {
+                            arm(this.timer.as_mut(), this.timer_armed, deadline);
+                        }
+                        this.state.set(State::Ready);
+                    } else {
+                        let wake = Instant::now() + delay;
+                        arm(this.timer.as_mut(), this.timer_armed, wake);
+                        this.state.set(State::Sleeping);
+                    }
+                }
+                StateProj::Sleeping => {
+                    ready!(poll_timer(this.timer.as_mut(), this.timer_armed, cx));
+                    if let Some(deadline) = *this.deadline {
+                        arm(this.timer.as_mut(), this.timer_armed, deadline);
+                    }
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    match this.service.poll_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(error)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error.into()));
+                        }
+                        Poll::Pending => {
+                            ready!(poll_timer(this.timer.as_mut(), this.timer_armed, cx));
+                            tracing::warn!(
+                                attempts = *this.attempts,
+                                "request deadline passed while waiting for the service to be ready"
+                            );
+                            this.state.set(State::Done);
+                            return Poll::Ready(take_last(this.last));
+                        }
+                    }
+
+                    let request = this
+                        .request
+                        .take()
+                        .expect("a retry is only planned when a copy of the request exists");
+                    *this.attempts += 1;
+                    if *this.attempts < this.policy.max_attempts {
+                        *this.request = this.policy.replay.clone_request(&request);
+                    }
+
+                    let now = (this.deadline.is_some()
+                        || this.policy.attempt_timeout.is_some()
+                        || this.observer.is_some())
+                    .then(Instant::now);
+                    *this.attempt_started = this.observer.as_ref().and(now);
+                    *this.timer_armed = false;
+                    if let Some(end) = attempt_end(now, this.policy.attempt_timeout, *this.deadline)
+                    {
+                        arm(this.timer.as_mut(), this.timer_armed, end);
+                    }
+
+                    let future = this.service.call(request);
+                    this.state.set(State::Called { future });
+                }
+                StateProj::Done => panic!("retry ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// The outcome kept from the previous attempt.
+fn take_last<T>(last: &mut Option<Result<T, BoxError>>) -> Result<T, BoxError> {
+    last.take()
+        .expect("the ready state is only entered after an attempt")
+}
+
+/// Decides whether another attempt follows and after what delay, or why not.
+///
+/// `Err(None)` means the classifier did not ask for a retry; `Err(Some(reason))` means it
+/// did and the layer declined.
+#[allow(clippy::too_many_arguments)]
+fn next_delay<C, R>(
+    decision: Decision,
+    policy: &RetryPolicy<C, R>,
+    attempts: u32,
+    idempotent: bool,
+    has_copy: bool,
+    deadline: Option<Instant>,
+    rng: &mut Option<Rng>,
+    previous_delay: Duration,
+) -> Result<(Duration, BackoffSource), Option<SuppressReason>> {
+    let Decision::Retry { reason, after } = decision else {
+        return Err(None);
+    };
+
+    if !idempotent && !reason.proves_not_processed() {
+        return Err(Some(SuppressReason::NotIdempotent));
+    }
+    if attempts >= policy.max_attempts {
+        return Err(Some(SuppressReason::MaxAttempts));
+    }
+    if !has_copy {
+        return Err(Some(SuppressReason::NotReplayable));
+    }
+    if after.is_some_and(|after| after > policy.max_retry_after) {
+        return Err(Some(SuppressReason::RetryAfter));
+    }
+
+    let rng = rng.get_or_insert_with(|| policy.rng());
+    let planned = policy.backoff.delay(attempts, previous_delay, rng);
+    let (delay, source) = match after {
+        Some(after) if after >= planned => (after, BackoffSource::RetryAfter),
+        _ => (planned, BackoffSource::Policy),
+    };
+
+    if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+        return Err(Some(SuppressReason::Deadline));
+    }
+    Ok((delay, source))
+}
+
+/// Records and logs the end of a logical request that is not retried further.
+fn finish(
+    decision: Decision,
+    suppressed: Option<SuppressReason>,
+    attempts: u32,
+    observer: &Option<AttemptObserver>,
+) {
+    let reason = decision.reason().map_or("none", |reason| reason.as_str());
+    if let Some(suppressed) = suppressed {
+        tracing::debug!(attempt = attempts, reason, %suppressed, "not retrying request");
+        if let Some(observer) = observer {
+            observer.suppressed(suppressed);
+        }
+    }
+    if attempts > 1 && !decision.is_success() {
+        tracing::warn!(attempts, reason, "request failed after retries");
+    }
+}
+
+impl<S, Req, C, R> fmt::Debug for ResponseFuture<S, Req, C, R>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempts", &self.attempts)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,44 @@
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::{Retry, RetryPolicy};
+
+/// Applies [`Retry`] to a service.
+#[must_use]
+pub struct RetryLayer<C, R> {
+    policy: Arc<RetryPolicy<C, R>>,
+}
+
+impl<C, R> RetryLayer<C, R> {
+    /// Creates a layer that retries by `policy`.
+    pub fn new(policy: RetryPolicy<C, R>) -> Self {
+        RetryLayer {
+            policy: Arc::new(policy),
+        }
+    }
+}
+
+impl<C, R> Clone for RetryLayer<C, R> {
+    fn clone(&self) -> Self {
+        RetryLayer {
+            policy: Arc::clone(&self.policy),
+        }
+    }
+}
+
+impl<C, R> std::fmt::Debug for RetryLayer<C, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl<S, C, R> Layer<S> for RetryLayer<C, R> {
+    type Service = Retry<S, C, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::from_shared(inner, Arc::clone(&self.policy))
+    }
+}
