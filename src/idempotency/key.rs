@@ -236,4 +236,9 @@ impl LogicalRequest {
     pub(crate) fn new() -> Self {
         LogicalRequest::default()
     }
+
+    /// Whether an `IdempotencyKeyLayer` has keyed the request.
+    pub(crate) fn has_key(&self) -> bool {
+        self.key.get().is_some()
+    }
 }

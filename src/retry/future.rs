@@ -20,6 +20,7 @@ use crate::metrics::AttemptObserver;
 pub(super) struct Setup<Req> {
     copy: Option<Req>,
     idempotent: bool,
+    mark: Option<LogicalRequest>,
     observer: Option<AttemptObserver>,
 }
 
@@ -30,12 +31,15 @@ impl<Req> Setup<Req> {
         let retries_allowed = policy.max_attempts > 1;
 
         let mut observer = None;
+        let mut mark = None;
         if let Some(extensions) = policy.replay.extensions_mut(request) {
             observer = extensions.get::<AttemptObserver>().cloned();
             // The mark lets an `IdempotencyKeyLayer` below this layer give every attempt
-            // the same key.
+            // the same key, and tells this layer that the request got one.
             if retries_allowed && !idempotent {
-                extensions.insert(LogicalRequest::new());
+                let logical = LogicalRequest::new();
+                extensions.insert(logical.clone());
+                mark = Some(logical);
             }
         }
 
@@ -48,6 +52,7 @@ impl<Req> Setup<Req> {
         Setup {
             copy,
             idempotent,
+            mark,
             observer,
         }
     }
@@ -76,6 +81,7 @@ pin_project! {
         last: Option<Result<S::Response, BoxError>>,
         attempts: u32,
         idempotent: bool,
+        mark: Option<LogicalRequest>,
         deadline: Option<Instant>,
         attempt_started: Option<Instant>,
         observer: Option<AttemptObserver>,
@@ -121,6 +127,7 @@ where
             last: None,
             attempts: 1,
             idempotent: setup.idempotent,
+            mark: setup.mark,
             deadline,
             attempt_started: setup.observer.as_ref().and(now),
             observer: setup.observer,
@@ -208,11 +215,14 @@ where
                         observer.attempt(decision, started.elapsed());
                     }
 
+                    // A key added below this layer makes the request idempotent too.
+                    let idempotent =
+                        *this.idempotent || this.mark.as_ref().is_some_and(LogicalRequest::has_key);
                     let delay = match next_delay(
                         decision,
                         this.policy,
                         *this.attempts,
-                        *this.idempotent,
+                        idempotent,
                         this.request.is_some(),
                         *this.deadline,
                         this.rng,
