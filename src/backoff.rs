@@ -33,7 +33,8 @@ pub enum Jitter {
     Decorrelated,
 }
 
-/// A backoff schedule. Delays never exceed the cap and never overflow, at any retry number.
+/// A backoff schedule. Exponential delays never exceed the cap and never overflow, at any
+/// retry number.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Backoff {
     kind: Kind,
@@ -206,13 +207,15 @@ mod tests {
         for retry in 1..200 {
             let exp = exponential(BASE, 2.0, CAP, retry);
             let delay = equal.delay(retry, Duration::ZERO, &mut rng);
-            assert!(delay >= exp / 2 && delay <= exp, "equal, retry {retry}");
+            assert!(delay >= exp / 2, "equal, retry {retry}: {delay:?}");
+            assert!(delay <= exp, "equal, retry {retry}: {delay:?}");
 
             previous = decorrelated.delay(retry, previous, &mut rng);
             assert!(
-                previous >= BASE && previous <= CAP,
-                "decorrelated, retry {retry}"
+                previous >= BASE,
+                "decorrelated, retry {retry}: {previous:?}"
             );
+            assert!(previous <= CAP, "decorrelated, retry {retry}: {previous:?}");
         }
     }
 

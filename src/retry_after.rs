@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 
-/// Parses a `Retry-After` value into the delay it asks for, measured from `now`.
+/// Parses a `Retry-After` value into the delay it requests, measured from `now`.
 ///
 /// Accepts delta-seconds and the three HTTP-date forms (IMF-fixdate, RFC 850 and
 /// asctime). A negative number or a date in the past means no delay. Anything else

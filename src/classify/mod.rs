@@ -20,10 +20,11 @@
 //! assert_eq!(classifier.classify(Ok(&7)), Decision::Success);
 //! ```
 //!
-//! A [`Decision::Retry`] is a wish, not a promise: the retry layer still declines it when
-//! the request is not idempotent and the reason does not prove that the request was never
-//! processed (see [`RetryReason::proves_not_processed`]), when attempts, the deadline or
-//! the budget run out, or when the request cannot be copied.
+//! A [`Decision::Retry`] is a request for another attempt, not a promise of one. The retry
+//! layer still declines it when the request is not idempotent and the reason does not
+//! prove that the request was never processed (see
+//! [`RetryReason::proves_not_processed`]). It also declines it when the attempts or the
+//! deadline run out, or when the request cannot be copied.
 
 mod http;
 
@@ -62,14 +63,14 @@ pub enum Decision {
     Success,
     /// The attempt failed in a way that another attempt may fix.
     Retry {
-        /// Why the attempt failed.
+        /// The cause of the failure.
         reason: RetryReason,
         /// The delay the server asked for (`Retry-After`, `grpc-retry-pushback-ms`).
         after: Option<Duration>,
     },
     /// The attempt failed in a way that another attempt will not fix; return its outcome.
     Fail {
-        /// Why the attempt failed.
+        /// The cause of the failure.
         reason: RetryReason,
     },
 }

@@ -14,9 +14,9 @@ use super::IDEMPOTENCY_KEY;
 ///
 /// `POST` and `PATCH` requests without the header get a fresh key (UUID v4 by default).
 /// A key the caller set is never replaced. Every attempt of one logical request carries
-/// the same key, whether this layer is above [`RetryLayer`](crate::RetryLayer) (the key is
-/// added once, before the request is copied) or below it (the retry layer marks the
-/// logical request and this layer keeps the key there).
+/// the same key, with this layer above or below [`RetryLayer`](crate::RetryLayer). Above
+/// it, the key is added once, before the request is copied. Below it, the retry layer
+/// marks the logical request and this layer keeps the key in that mark.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

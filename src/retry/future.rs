@@ -16,7 +16,7 @@ use crate::classify::{Classify, Decision};
 use crate::idempotency::LogicalRequest;
 use crate::metrics::AttemptObserver;
 
-/// What the retry layer learns about a logical request before its first attempt.
+/// Facts about a logical request, gathered before its first attempt.
 pub(super) struct Setup<Req> {
     copy: Option<Req>,
     idempotent: bool,
@@ -35,7 +35,7 @@ impl<Req> Setup<Req> {
         if let Some(extensions) = policy.replay.extensions_mut(request) {
             observer = extensions.get::<AttemptObserver>().cloned();
             // The mark lets an `IdempotencyKeyLayer` below this layer give every attempt
-            // the same key, and tells this layer that the request got one.
+            // the same key, and shows this layer that the request got one.
             if retries_allowed && !idempotent {
                 let logical = LogicalRequest::new();
                 extensions.insert(logical.clone());
@@ -314,7 +314,7 @@ where
     }
 }
 
-/// The outcome kept from the previous attempt.
+/// Takes the outcome kept from the previous attempt.
 fn take_last<T>(last: &mut Option<Result<T, BoxError>>) -> Result<T, BoxError> {
     last.take()
         .expect("the ready state is only entered after an attempt")
