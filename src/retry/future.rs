@@ -29,6 +29,9 @@ impl<Req> Setup<Req> {
     pub(super) fn new<C, R: Replay<Req>>(policy: &RetryPolicy<C, R>, request: &mut Req) -> Self {
         let idempotent = policy.replay.is_idempotent(request);
         let retries_allowed = policy.max_attempts > 1;
+        if let Some(budget) = &policy.budget {
+            budget.deposit();
+        }
 
         let mut observer = None;
         let mut mark = None;
@@ -361,6 +364,14 @@ fn next_delay<C, R>(
 
     if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
         return Err(Some(SuppressReason::Deadline));
+    }
+    // Last, so that a token is spent only on a retry that is made.
+    if policy
+        .budget
+        .as_ref()
+        .is_some_and(|budget| !budget.withdraw())
+    {
+        return Err(Some(SuppressReason::Budget));
     }
     Ok((delay, source))
 }

@@ -2,11 +2,12 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{Retry, RetryPolicy};
+use super::{HttpReplay, Retry, RetryPolicy};
+use crate::classify::HttpClassifier;
 
 /// Applies [`Retry`] to a service.
 #[must_use]
-pub struct RetryLayer<C, R> {
+pub struct RetryLayer<C = HttpClassifier, R = HttpReplay> {
     policy: Arc<RetryPolicy<C, R>>,
 }
 

@@ -60,6 +60,7 @@
 //! | the request could not be copied for another attempt | `not_replayable` |
 //! | the server asked for a delay (`Retry-After`) above `max_retry_after` | `retry_after` |
 //! | the next attempt would start after the deadline | `deadline` |
+//! | the policy's [`RetryBudget`](crate::budget::RetryBudget) is spent | `budget` |
 //!
 //! When the deadline passes while an attempt is in flight, the attempt is cancelled and
 //! the caller gets [`DeadlineExceeded`]. An error from the inner service's `poll_ready`
@@ -82,7 +83,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::classify::Classify;
+use crate::classify::{Classify, HttpClassifier};
 
 pub use self::error::{AttemptTimeout, DeadlineExceeded, InvalidPolicy};
 pub use self::future::ResponseFuture;
@@ -95,7 +96,7 @@ pub use self::replay::{CloneReplay, HttpReplay, Replay};
 /// The first attempt goes to the service that was polled ready; each retry polls its own
 /// clone of the inner service ready first. Dropping the [`ResponseFuture`] cancels the
 /// attempt in flight and any pending sleep. No task is spawned.
-pub struct Retry<S, C, R> {
+pub struct Retry<S, C = HttpClassifier, R = HttpReplay> {
     inner: S,
     policy: Arc<RetryPolicy<C, R>>,
 }
@@ -187,6 +188,8 @@ pub enum SuppressReason {
     NotReplayable,
     /// The server asked for a delay above `max_retry_after`.
     RetryAfter,
+    /// The policy's [`RetryBudget`](crate::budget::RetryBudget) is spent.
+    Budget,
 }
 
 impl SuppressReason {
@@ -198,6 +201,7 @@ impl SuppressReason {
             SuppressReason::NotIdempotent => "not_idempotent",
             SuppressReason::NotReplayable => "not_replayable",
             SuppressReason::RetryAfter => "retry_after",
+            SuppressReason::Budget => "budget",
         }
     }
 }

@@ -7,6 +7,7 @@ use fastrand::Rng;
 use super::error::InvalidPolicy;
 use super::replay::HttpReplay;
 use crate::backoff::Backoff;
+use crate::budget::RetryBudget;
 use crate::classify::HttpClassifier;
 
 /// What to retry, how often and how long to wait: a validated set of values shared by
@@ -21,6 +22,7 @@ use crate::classify::HttpClassifier;
 /// | `deadline` (whole logical request, sleeps included) | none |
 /// | `attempt_timeout` | none |
 /// | `max_retry_after` | 30 s |
+/// | `budget` | none |
 /// | `seed` | none (a random seed per request) |
 ///
 /// ```
@@ -46,6 +48,7 @@ pub struct RetryPolicy<C = HttpClassifier, R = HttpReplay> {
     pub(crate) deadline: Option<Duration>,
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) max_retry_after: Duration,
+    pub(crate) budget: Option<RetryBudget>,
     seed: Option<u64>,
     /// Requests that have drawn a random source from a seeded policy.
     seeded_requests: AtomicU64,
@@ -69,6 +72,7 @@ impl RetryPolicy {
             deadline: None,
             attempt_timeout: None,
             max_retry_after: Duration::from_secs(30),
+            budget: None,
             seed: None,
         }
     }
@@ -103,6 +107,7 @@ impl<C, R> fmt::Debug for RetryPolicy<C, R> {
             .field("deadline", &self.deadline)
             .field("attempt_timeout", &self.attempt_timeout)
             .field("max_retry_after", &self.max_retry_after)
+            .field("budget", &self.budget)
             .field("seed", &self.seed)
             .finish()
     }
@@ -119,6 +124,7 @@ pub struct RetryPolicyBuilder<C = HttpClassifier, R = HttpReplay> {
     deadline: Option<Duration>,
     attempt_timeout: Option<Duration>,
     max_retry_after: Duration,
+    budget: Option<RetryBudget>,
     seed: Option<u64>,
 }
 
@@ -133,6 +139,7 @@ impl<C, R> RetryPolicyBuilder<C, R> {
             deadline: self.deadline,
             attempt_timeout: self.attempt_timeout,
             max_retry_after: self.max_retry_after,
+            budget: self.budget,
             seed: self.seed,
         }
     }
@@ -148,6 +155,7 @@ impl<C, R> RetryPolicyBuilder<C, R> {
             deadline: self.deadline,
             attempt_timeout: self.attempt_timeout,
             max_retry_after: self.max_retry_after,
+            budget: self.budget,
             seed: self.seed,
         }
     }
@@ -182,6 +190,13 @@ impl<C, R> RetryPolicyBuilder<C, R> {
     /// one ends the retries at once and returns that response.
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
+        self
+    }
+
+    /// Limits retries to a share of requests. Clones of one [`RetryBudget`] share their
+    /// balance, so policies that call the same upstream can share one budget.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -233,6 +248,7 @@ impl<C, R> RetryPolicyBuilder<C, R> {
             deadline: self.deadline,
             attempt_timeout: self.attempt_timeout,
             max_retry_after: self.max_retry_after,
+            budget: self.budget,
             seed: self.seed,
             seeded_requests: AtomicU64::new(0),
         })
