@@ -50,4 +50,5 @@ mod retry_after;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use crate::idempotency::IdempotencyKeyLayer;
+pub use crate::metrics::RetryMetricsLayer;
 pub use crate::retry::{RetryLayer, RetryPolicy};
