@@ -74,11 +74,16 @@
 //! classified when it is a [`BoxError`](crate::BoxError), a
 //! `hyper_util::client::legacy::Error`, a `hyper::Error` or an `std::io::Error`, and
 //! counted with reason `unknown` otherwise.
+//!
+//! With the `report` feature (on by default), `RetryReport` turns a `metrics-util`
+//! debugging snapshot into a per-operation table of these metrics.
 
 mod future;
 mod layer;
 pub mod names;
 mod observer;
+#[cfg(feature = "report")]
+mod report;
 
 use std::fmt;
 use std::task::{Context, Poll};
@@ -91,6 +96,9 @@ use tower_service::Service;
 pub use self::future::ResponseFuture;
 pub use self::layer::RetryMetricsLayer;
 pub(crate) use self::observer::AttemptObserver;
+#[cfg(feature = "report")]
+#[cfg_attr(docsrs, doc(cfg(feature = "report")))]
+pub use self::report::{OperationReport, RetryReport};
 
 /// Records retry metrics for each logical request; see [`RetryMetricsLayer`].
 #[derive(Clone)]
