@@ -508,3 +508,53 @@ async fn method_label_is_bounded() {
         0
     );
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+#[ignore = "the retry layer does not report an attempt that the deadline cancels"]
+async fn deadline_cancelled_attempt_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    // The first call responds with 503 at once, the second one would take 10 s.
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&calls);
+    let slow_retry = service_fn(move |_request: Request<()>| {
+        let call = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut response = Response::new(());
+            if call == 0 {
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            } else {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let policy = RetryPolicy::builder()
+        .backoff(Backoff::constant(Duration::ZERO))
+        .deadline(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(RetryMetricsLayer::new("deadline"))
+        .layer(RetryLayer::new(policy))
+        .service(slow_retry);
+    stack.oneshot(Request::new(())).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let recorded = Recorded::take(&snapshotter);
+    let operation = [("operation", "deadline")];
+    assert_eq!(
+        recorded.histogram("retry_request_attempts", &operation),
+        [2.0]
+    );
+    assert_eq!(
+        recorded.counter_total("retry_attempts_total", "deadline"),
+        2
+    );
+    assert_eq!(
+        recorded.histogram("retry_attempt_duration_seconds", &operation),
+        [0.0, 1.0]
+    );
+}
