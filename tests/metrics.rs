@@ -3,13 +3,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_safe_retry::backoff::Backoff;
-use tower_safe_retry::{RetryLayer, RetryMetricsLayer, RetryPolicy};
+use tower_safe_retry::{IdempotencyKeyLayer, RetryLayer, RetryMetricsLayer, RetryPolicy};
 
 /// One metric from a snapshot: name, labels sorted by key, value.
 struct Entry {
@@ -114,6 +114,8 @@ impl Recorded {
 struct Hits {
     flaky: Arc<AtomicU32>,
     charge: Arc<AtomicU32>,
+    /// The `Idempotency-Key` of each `POST /charge`, `None` when it had none.
+    charge_keys: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 /// Starts the test server. `GET /flaky` responds with 503 twice, then 200. `GET /ok`
@@ -125,8 +127,12 @@ async fn spawn_server(hits: Hits) -> SocketAddr {
             _ => StatusCode::OK,
         }
     }
-    async fn charge(State(hits): State<Hits>) -> StatusCode {
+    async fn charge(State(hits): State<Hits>, headers: HeaderMap) -> StatusCode {
         hits.charge.fetch_add(1, Ordering::SeqCst);
+        let key = headers
+            .get("idempotency-key")
+            .map(|key| key.to_str().unwrap().to_owned());
+        hits.charge_keys.lock().unwrap().push(key);
         StatusCode::SERVICE_UNAVAILABLE
     }
 
@@ -187,6 +193,7 @@ async fn records_retries_over_http() {
     }
     assert_eq!(hits.flaky.load(Ordering::SeqCst), 3);
     assert_eq!(hits.charge.load(Ordering::SeqCst), 1);
+    assert_eq!(*hits.charge_keys.lock().unwrap(), [None]);
 
     let recorded = Recorded::take(&snapshotter);
     let requests = "retry_requests_total";
@@ -259,6 +266,60 @@ async fn records_retries_over_http() {
     let failure = [("operation", "api"), ("outcome", "failure")];
     assert_eq!(recorded.histogram(duration, &success).len(), 2);
     assert_eq!(recorded.histogram(duration, &failure).len(), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn keyed_post_retried_over_http() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let hits = Hits::default();
+    let address = spawn_server(hits.clone()).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let stack = ServiceBuilder::new()
+        .layer(RetryMetricsLayer::new("payments"))
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new(zero_backoff_policy()))
+        .service(client);
+
+    // With an `Idempotency-Key`, the POST may be sent again, up to `max_attempts` (3).
+    let response = stack
+        .oneshot(request(Method::POST, address, "/charge"))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(hits.charge.load(Ordering::SeqCst), 3);
+
+    let recorded = Recorded::take(&snapshotter);
+    let requests = [
+        ("operation", "payments"),
+        ("method", "POST"),
+        ("outcome", "failure"),
+    ];
+    assert_eq!(recorded.counter("retry_requests_total", &requests), 1);
+    let attempts = [
+        ("operation", "payments"),
+        ("outcome", "retry"),
+        ("reason", "server_error"),
+    ];
+    assert_eq!(recorded.counter("retry_attempts_total", &attempts), 3);
+    assert_eq!(
+        recorded.counter_total("retry_attempts_total", "payments"),
+        3
+    );
+    let suppressed = [("operation", "payments"), ("reason", "max_attempts")];
+    assert_eq!(recorded.counter("retry_suppressed_total", &suppressed), 1);
+    let operation = [("operation", "payments")];
+    assert_eq!(
+        recorded.histogram("retry_request_attempts", &operation),
+        [3.0]
+    );
+    let backoff = [("operation", "payments"), ("source", "policy")];
+    assert_eq!(
+        recorded.histogram("retry_backoff_seconds", &backoff),
+        [0.0, 0.0]
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
