@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::names;
 use super::observer::{AttemptObserver, record_attempt};
 use crate::BoxError;
-use crate::classify::{Decision, HttpClassifier};
+use crate::classify::{Decision, HttpClassifier, RetryReason};
 
 pin_project! {
     /// The response future of [`RetryMetrics`](super::RetryMetrics).
@@ -70,13 +70,13 @@ impl RequestMetrics {
         let duration = self.started.elapsed();
         let classifier = HttpClassifier::new();
         let decision = match outcome {
-            Ok(response) => Some(classifier.classify_status(response.status(), response.headers())),
-            Err(_) => None,
+            Ok(response) => classifier.classify_status(response.status(), response.headers()),
+            Err(error) => classify_error(&classifier, error),
         };
-        let outcome_label = match decision {
-            Some(Decision::Success) => "success",
-            Some(_) => "failure",
-            None => "error",
+        let outcome_label = match (outcome, decision) {
+            (Err(_), _) => "error",
+            (Ok(_), Decision::Success) => "success",
+            (Ok(_), _) => "failure",
         };
 
         counter!(
@@ -98,10 +98,6 @@ impl RequestMetrics {
             .record(f64::from(attempts.max(1)));
 
         if attempts == 0 {
-            let decision = match outcome {
-                Ok(_) => decision.unwrap_or(Decision::Success),
-                Err(error) => classify_error(&classifier, error),
-            };
             record_attempt(self.operation, decision, duration);
         }
     }
@@ -131,7 +127,7 @@ fn classify_error<E: 'static>(classifier: &HttpClassifier, error: &E) -> Decisio
 
     match error {
         Some(error) => classifier.classify_error(error),
-        None => Decision::retry(crate::classify::RetryReason::Unknown),
+        None => Decision::retry(RetryReason::Unknown),
     }
 }
 
