@@ -51,4 +51,8 @@ mod retry_after;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use crate::idempotency::IdempotencyKeyLayer;
+pub use crate::metrics::RetryMetricsLayer;
+#[cfg(feature = "report")]
+#[cfg_attr(docsrs, doc(cfg(feature = "report")))]
+pub use crate::metrics::RetryReport;
 pub use crate::retry::{RetryLayer, RetryPolicy};

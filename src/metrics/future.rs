@@ -1,0 +1,141 @@
+use std::any::Any;
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use metrics::{SharedString, counter, histogram};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use super::names;
+use super::observer::{AttemptObserver, record_attempt};
+use crate::BoxError;
+use crate::classify::{Decision, HttpClassifier, RetryReason};
+
+pin_project! {
+    /// The response future of [`RetryMetrics`](super::RetryMetrics).
+    ///
+    /// NOTE: a future dropped before it completes records nothing, so a cancelled
+    /// request does not appear in any metric of this layer.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        // Taken when the outcome is recorded, so that the outcome is recorded once.
+        request: Option<RequestMetrics>,
+    }
+}
+
+/// The state the metrics layer keeps for a logical request until it completes.
+pub(super) struct RequestMetrics {
+    pub(super) observer: AttemptObserver,
+    pub(super) operation: SharedString,
+    pub(super) method: &'static str,
+    pub(super) started: Instant,
+}
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn new(inner: F, request: RequestMetrics) -> Self {
+        ResponseFuture {
+            inner,
+            request: Some(request),
+        }
+    }
+}
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: 'static,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = ready!(this.inner.poll(cx));
+        if let Some(request) = this.request.take() {
+            request.record(&outcome);
+        }
+        Poll::Ready(outcome)
+    }
+}
+
+impl RequestMetrics {
+    /// Records the metrics of the finished logical request, and its single attempt when
+    /// no retry layer below reported any.
+    fn record<ResB, E: 'static>(self, outcome: &Result<Response<ResB>, E>) {
+        let duration = self.started.elapsed();
+        let classifier = HttpClassifier::new();
+        let decision = match outcome {
+            Ok(response) => classifier.classify_status(response.status(), response.headers()),
+            Err(error) => classify_error(&classifier, error),
+        };
+        let outcome_label = match (outcome, decision) {
+            (Err(_), _) => "error",
+            (Ok(_), Decision::Success) => "success",
+            (Ok(_), _) => "failure",
+        };
+
+        counter!(
+            names::REQUESTS_TOTAL,
+            "operation" => self.operation.clone(),
+            "method" => self.method,
+            "outcome" => outcome_label,
+        )
+        .increment(1);
+        histogram!(
+            names::REQUEST_DURATION_SECONDS,
+            "operation" => self.operation.clone(),
+            "outcome" => outcome_label,
+        )
+        .record(duration.as_secs_f64());
+
+        let attempts = self.observer.attempts();
+        histogram!(names::REQUEST_ATTEMPTS, "operation" => self.operation.clone())
+            .record(f64::from(attempts.max(1)));
+
+        if attempts == 0 {
+            record_attempt(self.operation, decision, duration);
+        }
+    }
+}
+
+/// Classifies an error of the inner service with [`HttpClassifier::classify_error`].
+///
+/// The layer passes the inner error type through unchanged and does not require it to
+/// implement [`Error`], because the retry layer's [`BoxError`] does not. So the error is
+/// placed by downcasting: a [`BoxError`], a `hyper_util::client::legacy::Error`, a
+/// `hyper::Error` or an `std::io::Error` is classified, and any other type is a retry
+/// with reason `unknown`.
+fn classify_error<E: 'static>(classifier: &HttpClassifier, error: &E) -> Decision {
+    let error: &dyn Any = error;
+    let error: Option<&(dyn Error + 'static)> =
+        if let Some(boxed) = error.downcast_ref::<BoxError>() {
+            Some(&**boxed)
+        } else if let Some(error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
+            Some(error)
+        } else if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            Some(error)
+        } else if let Some(error) = error.downcast_ref::<std::io::Error>() {
+            Some(error)
+        } else {
+            None
+        };
+
+    match error {
+        Some(error) => classifier.classify_error(error),
+        None => Decision::retry(RetryReason::Unknown),
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let operation = self.request.as_ref().map(|request| &request.operation);
+        f.debug_struct("ResponseFuture")
+            .field("operation", &operation)
+            .finish_non_exhaustive()
+    }
+}
