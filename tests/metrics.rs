@@ -571,7 +571,6 @@ async fn method_label_is_bounded() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-#[ignore = "the retry layer does not report an attempt that the deadline cancels"]
 async fn deadline_cancelled_attempt_counted() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -618,4 +617,12 @@ async fn deadline_cancelled_attempt_counted() {
         recorded.histogram("retry_attempt_duration_seconds", &operation),
         [0.0, 1.0]
     );
+    let cancelled = [
+        ("operation", "deadline"),
+        ("outcome", "fail"),
+        ("reason", "timeout"),
+    ];
+    assert_eq!(recorded.counter("retry_attempts_total", &cancelled), 1);
+    let suppressed = [("operation", "deadline"), ("reason", "deadline")];
+    assert_eq!(recorded.counter("retry_suppressed_total", &suppressed), 1);
 }

@@ -6,7 +6,7 @@ use http::{HeaderMap, StatusCode, header::RETRY_AFTER};
 
 use super::{Classify, Decision, RetryReason};
 use crate::BoxError;
-use crate::retry::AttemptTimeout;
+use crate::retry::{AttemptTimeout, DeadlineExceeded};
 use crate::retry_after::parse_retry_after;
 
 /// The default classifier for HTTP: RFC 9110 statuses and the transport errors of hyper,
@@ -24,7 +24,7 @@ use crate::retry_after::parse_retry_after;
 /// | other `5xx` (`501`, `505`, `511`, ...) | fail, [`ServerError`](RetryReason::ServerError) |
 /// | connect error, connection refused | retry, [`Connect`](RetryReason::Connect) |
 /// | connection closed or reset before the response | retry, [`Reset`](RetryReason::Reset) |
-/// | per-attempt timeout, hyper or tower timeout | retry, [`Timeout`](RetryReason::Timeout) |
+/// | per-attempt timeout, deadline, hyper or tower timeout | retry, [`Timeout`](RetryReason::Timeout) |
 /// | any other error | retry, [`Unknown`](RetryReason::Unknown) |
 ///
 /// A `409` is retried only with `Retry-After` because that is how an idempotency layer
@@ -106,7 +106,10 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
 
 /// Places one link of an error chain, or returns `None` to look at its source.
 fn reason_of(error: &(dyn Error + 'static)) -> Option<RetryReason> {
-    if error.is::<AttemptTimeout>() || error.is::<tower::timeout::error::Elapsed>() {
+    if error.is::<AttemptTimeout>()
+        || error.is::<DeadlineExceeded>()
+        || error.is::<tower::timeout::error::Elapsed>()
+    {
         return Some(RetryReason::Timeout);
     }
 

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::{AttemptTimeout, BackoffSource, DeadlineExceeded, Replay, RetryPolicy, SuppressReason};
 use crate::BoxError;
-use crate::classify::{Classify, Decision};
+use crate::classify::{Classify, Decision, RetryReason};
 use crate::idempotency::LogicalRequest;
 use crate::metrics::AttemptObserver;
 
@@ -196,6 +196,13 @@ where
                             let now = Instant::now();
                             if this.deadline.is_some_and(|deadline| now >= deadline) {
                                 this.state.set(State::Done);
+                                if let (Some(observer), Some(started)) =
+                                    (&*this.observer, *this.attempt_started)
+                                {
+                                    let decision = Decision::fail(RetryReason::Timeout);
+                                    observer.attempt(decision, started.elapsed());
+                                    observer.suppressed(SuppressReason::Deadline);
+                                }
                                 let deadline = this.policy.deadline.unwrap_or_default();
                                 tracing::warn!(
                                     attempts = *this.attempts,

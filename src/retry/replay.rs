@@ -79,6 +79,10 @@ pub(crate) fn is_idempotent_method(method: &Method) -> bool {
 
 /// Replays any `Req: Clone` by cloning it, and treats every request as idempotent: the
 /// classifier alone decides what is retried.
+///
+/// Such requests have no extensions, so a [`RetryMetricsLayer`](crate::RetryMetricsLayer)
+/// above sees one attempt per logical request: the per-attempt, backoff and suppressed
+/// metrics need `http::Request` and [`HttpReplay`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CloneReplay {
     _private: (),
