@@ -40,6 +40,7 @@
 )]
 
 pub mod backoff;
+pub mod body;
 pub mod budget;
 pub mod classify;
 pub mod idempotency;

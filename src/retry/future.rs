@@ -17,16 +17,18 @@ use crate::idempotency::LogicalRequest;
 use crate::metrics::AttemptObserver;
 
 /// Facts about a logical request, gathered before its first attempt.
-pub(super) struct Setup<Req> {
-    copy: Option<Req>,
+pub(super) struct Setup {
     idempotent: bool,
     mark: Option<LogicalRequest>,
     observer: Option<AttemptObserver>,
 }
 
-impl<Req> Setup<Req> {
-    /// Inspects and marks `request`, and copies it when a retry is possible.
-    pub(super) fn new<C, R: Replay<Req>>(policy: &RetryPolicy<C, R>, request: &mut Req) -> Self {
+impl Setup {
+    /// Inspects and marks `request`, and deposits its share in the budget.
+    pub(super) fn new<Req, C, R: Replay<Req>>(
+        policy: &RetryPolicy<C, R>,
+        request: &mut Req,
+    ) -> Self {
         let idempotent = policy.replay.is_idempotent(request);
         let retries_allowed = policy.max_attempts > 1;
         if let Some(budget) = &policy.budget {
@@ -46,14 +48,7 @@ impl<Req> Setup<Req> {
             }
         }
 
-        let copy = if retries_allowed {
-            policy.replay.clone_request(request)
-        } else {
-            None
-        };
-
         Setup {
-            copy,
             idempotent,
             mark,
             observer,
@@ -66,7 +61,8 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<S, Req, C, R>
     where
-        S: Service<Req>,
+        R: Replay<Req>,
+        S: Service<R::Attempt>,
     {
         #[pin]
         state: State<S::Future>,
@@ -78,8 +74,10 @@ pin_project! {
         timer_armed: bool,
         service: S,
         policy: Arc<RetryPolicy<C, R>>,
-        // The copy for the next attempt.
-        request: Option<Req>,
+        // What later attempts are made from.
+        source: Option<R::Source>,
+        // The next attempt, made when a retry is planned.
+        next: Option<R::Attempt>,
         // The outcome of the previous attempt, returned if no further attempt is made.
         last: Option<Result<S::Response, BoxError>>,
         attempts: u32,
@@ -105,13 +103,15 @@ pin_project! {
 
 impl<S, Req, C, R> ResponseFuture<S, Req, C, R>
 where
-    S: Service<Req>,
+    R: Replay<Req>,
+    S: Service<R::Attempt>,
 {
     pub(super) fn new(
         future: S::Future,
         service: S,
         policy: Arc<RetryPolicy<C, R>>,
-        setup: Setup<Req>,
+        setup: Setup,
+        source: Option<R::Source>,
     ) -> Self {
         let now = (policy.deadline.is_some()
             || policy.attempt_timeout.is_some()
@@ -126,7 +126,8 @@ where
             timer_armed: attempt_end.is_some(),
             service,
             policy,
-            request: setup.copy,
+            source,
+            next: None,
             last: None,
             attempts: 1,
             idempotent: setup.idempotent,
@@ -177,10 +178,10 @@ fn poll_timer(timer: Pin<&mut Option<Sleep>>, armed: &mut bool, cx: &mut Context
 
 impl<S, Req, C, R> Future for ResponseFuture<S, Req, C, R>
 where
-    S: Service<Req>,
+    R: Replay<Req>,
+    S: Service<R::Attempt>,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
-    R: Replay<Req>,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -228,23 +229,24 @@ where
                     // A key added below this layer makes the request idempotent too.
                     let idempotent =
                         *this.idempotent || this.mark.as_ref().is_some_and(LogicalRequest::has_key);
-                    let delay = match next_delay(
+                    let plan = plan_retry(
                         decision,
                         this.policy,
                         *this.attempts,
                         idempotent,
-                        this.request.is_some(),
+                        this.source.as_ref(),
                         *this.deadline,
                         this.rng,
                         *this.previous_delay,
-                    ) {
-                        Ok(delay) => delay,
+                    );
+                    let (delay, source, next) = match plan {
+                        Ok(plan) => plan,
                         Err(suppressed) => {
                             finish(decision, suppressed, *this.attempts, this.observer);
                             return Poll::Ready(outcome);
                         }
                     };
-                    let (delay, source) = delay;
+                    *this.next = Some(next);
 
                     tracing::debug!(
                         attempt = *this.attempts,
@@ -296,13 +298,10 @@ where
                     }
 
                     let request = this
-                        .request
+                        .next
                         .take()
-                        .expect("a retry is only planned when a copy of the request exists");
+                        .expect("the ready state is only entered with a planned attempt");
                     *this.attempts += 1;
-                    if *this.attempts < this.policy.max_attempts {
-                        *this.request = this.policy.replay.clone_request(&request);
-                    }
 
                     let now = (this.deadline.is_some()
                         || this.policy.attempt_timeout.is_some()
@@ -330,21 +329,22 @@ fn take_last<T>(last: &mut Option<Result<T, BoxError>>) -> Result<T, BoxError> {
         .expect("the ready state is only entered after an attempt")
 }
 
-/// Decides whether another attempt follows and after what delay, or why not.
+/// Decides whether another attempt follows, after what delay, and makes it; or returns
+/// why not.
 ///
 /// `Err(None)` means the classifier did not ask for a retry; `Err(Some(reason))` means it
 /// did and the layer declined.
 #[allow(clippy::too_many_arguments)]
-fn next_delay<C, R>(
+fn plan_retry<Req, C, R: Replay<Req>>(
     decision: Decision,
     policy: &RetryPolicy<C, R>,
     attempts: u32,
     idempotent: bool,
-    has_copy: bool,
+    source: Option<&R::Source>,
     deadline: Option<Instant>,
     rng: &mut Option<Rng>,
     previous_delay: Duration,
-) -> Result<(Duration, BackoffSource), Option<SuppressReason>> {
+) -> Result<(Duration, BackoffSource, R::Attempt), Option<SuppressReason>> {
     let Decision::Retry { reason, after } = decision else {
         return Err(None);
     };
@@ -355,23 +355,22 @@ fn next_delay<C, R>(
     if attempts >= policy.max_attempts {
         return Err(Some(SuppressReason::MaxAttempts));
     }
-    if !has_copy {
-        return Err(Some(SuppressReason::NotReplayable));
-    }
     if after.is_some_and(|after| after > policy.max_retry_after) {
         return Err(Some(SuppressReason::RetryAfter));
     }
 
     let rng = rng.get_or_insert_with(|| policy.rng());
     let planned = policy.backoff.delay(attempts, previous_delay, rng);
-    let (delay, source) = match after {
+    let (delay, origin) = match after {
         Some(after) if after >= planned => (after, BackoffSource::RetryAfter),
         _ => (planned, BackoffSource::Policy),
     };
-
     if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
         return Err(Some(SuppressReason::Deadline));
     }
+
+    let source = source.ok_or(Some(SuppressReason::NotReplayable))?;
+    let next = policy.replay.next(source).map_err(Some)?;
     // Last, so that a token is spent only on a retry that is made.
     if policy
         .budget
@@ -380,7 +379,7 @@ fn next_delay<C, R>(
     {
         return Err(Some(SuppressReason::Budget));
     }
-    Ok((delay, source))
+    Ok((delay, origin, next))
 }
 
 /// Records and logs the end of a logical request that is not retried further.
@@ -404,7 +403,8 @@ fn finish(
 
 impl<S, Req, C, R> fmt::Debug for ResponseFuture<S, Req, C, R>
 where
-    S: Service<Req>,
+    R: Replay<Req>,
+    S: Service<R::Attempt>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")

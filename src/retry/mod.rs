@@ -61,6 +61,7 @@
 //! | the server asked for a delay (`Retry-After`) above `max_retry_after` | `retry_after` |
 //! | the next attempt would start after the deadline | `deadline` |
 //! | the policy's [`RetryBudget`](crate::budget::RetryBudget) is spent | `budget` |
+//! | the body was announced or found to be over [`BodyReplay`]'s cap (64 KiB by default) | `body_too_large` |
 //!
 //! When the deadline passes while an attempt is in flight, the attempt is cancelled and
 //! the caller gets [`DeadlineExceeded`]. An error from the inner service's `poll_ready`
@@ -89,7 +90,7 @@ pub use self::error::{AttemptTimeout, DeadlineExceeded, InvalidPolicy};
 pub use self::future::ResponseFuture;
 pub use self::layer::RetryLayer;
 pub use self::policy::{RetryPolicy, RetryPolicyBuilder};
-pub use self::replay::{CloneReplay, HttpReplay, Replay};
+pub use self::replay::{BodyReplay, BodySource, CloneReplay, HttpReplay, Replay};
 
 /// Retries requests to the inner service by a [`RetryPolicy`].
 ///
@@ -152,10 +153,10 @@ impl<S: fmt::Debug, C, R> fmt::Debug for Retry<S, C, R> {
 
 impl<S, C, R, Req> Service<Req> for Retry<S, C, R>
 where
-    S: Service<Req> + Clone,
+    R: Replay<Req>,
+    S: Service<R::Attempt> + Clone,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
-    R: Replay<Req>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -167,8 +168,11 @@ where
 
     fn call(&mut self, mut request: Req) -> Self::Future {
         let setup = future::Setup::new(&self.policy, &mut request);
-        let attempt = self.inner.call(request);
-        ResponseFuture::new(attempt, self.inner.clone(), Arc::clone(&self.policy), setup)
+        let keep = self.policy.max_attempts > 1;
+        let (attempt, source) = self.policy.replay.first(request, keep);
+        let future = self.inner.call(attempt);
+        let service = self.inner.clone();
+        ResponseFuture::new(future, service, Arc::clone(&self.policy), setup, source)
     }
 }
 
@@ -190,6 +194,9 @@ pub enum SuppressReason {
     RetryAfter,
     /// The policy's [`RetryBudget`](crate::budget::RetryBudget) is spent.
     Budget,
+    /// The request body was announced or found to be over the replay cap of
+    /// [`BodyReplay`], so it was sent once.
+    BodyTooLarge,
 }
 
 impl SuppressReason {
@@ -202,6 +209,7 @@ impl SuppressReason {
             SuppressReason::NotReplayable => "not_replayable",
             SuppressReason::RetryAfter => "retry_after",
             SuppressReason::Budget => "budget",
+            SuppressReason::BodyTooLarge => "body_too_large",
         }
     }
 }

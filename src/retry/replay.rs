@@ -1,15 +1,33 @@
 use http::{Method, Request};
+use http_body::Body;
 
+use super::SuppressReason;
+use crate::BoxError;
+use crate::body::ReplayBody;
 use crate::idempotency::IDEMPOTENCY_KEY;
 
-/// How the retry layer copies a request for another attempt and decides whether it may be
-/// sent again after it may have reached the server.
+/// How the retry layer turns a request into attempts, and whether it may send it again
+/// after it may have reached the server.
 ///
-/// [`HttpReplay`] handles `http::Request<B>`; [`CloneReplay`] handles any `Req: Clone`.
+/// [`HttpReplay`] handles `http::Request<B>` with a `Clone` body, [`BodyReplay`] any
+/// `http::Request<B>` with a streaming body, and [`CloneReplay`] any `Req: Clone`.
 pub trait Replay<Req> {
-    /// Returns a copy of `request` for another attempt, or `None` when it cannot be copied,
-    /// in which case the request is sent once.
-    fn clone_request(&self, request: &Req) -> Option<Req>;
+    /// The request type the inner service receives.
+    type Attempt;
+    /// What the layer keeps to make later attempts.
+    type Source;
+
+    /// Turns `request` into the first attempt. With `keep`, also returns what later
+    /// attempts are made from, or `None` when the request cannot be copied.
+    fn first(&self, request: Req, keep: bool) -> (Self::Attempt, Option<Self::Source>);
+
+    /// Makes another attempt from `source`.
+    ///
+    /// # Errors
+    ///
+    /// The reason the request cannot be sent again, such as
+    /// [`SuppressReason::BodyTooLarge`].
+    fn next(&self, source: &Self::Source) -> Result<Self::Attempt, SuppressReason>;
 
     /// Whether `request` may be sent again after it may have been processed.
     ///
@@ -20,8 +38,8 @@ pub trait Replay<Req> {
     fn is_idempotent(&self, request: &Req) -> bool;
 
     /// The request's extensions, through which the retry layer and its neighbours in the
-    /// stack (the idempotency key and metrics layers) talk. `None` when the request type
-    /// has none.
+    /// stack (the idempotency key and metrics layers) pass state. `None` when the request
+    /// type has none.
     fn extensions_mut<'a>(&self, request: &'a mut Req) -> Option<&'a mut http::Extensions> {
         let _ = request;
         None
@@ -29,14 +47,12 @@ pub trait Replay<Req> {
 }
 
 /// Replays `http::Request<B>` whose body is `Clone` (`Full<Bytes>`, `String`, `Vec<u8>`,
-/// `Bytes` and similar), with RFC 9110 method safety.
+/// `Bytes` and similar), with RFC 9110 method safety. The inner service receives the
+/// request type unchanged.
 ///
 /// `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and `DELETE` are idempotent. Any other method,
 /// `POST` and `PATCH` among them, is idempotent only when the request carries an
-/// `Idempotency-Key` header.
-///
-/// NOTE: a streaming body that is not `Clone` does not compile with this replay yet;
-/// such requests need a `RetryLayer` with `max_attempts(1)` or no retry layer.
+/// `Idempotency-Key` header. For bodies that are not `Clone`, use [`BodyReplay`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HttpReplay {
     _private: (),
@@ -50,23 +66,152 @@ impl HttpReplay {
 }
 
 impl<B: Clone> Replay<Request<B>> for HttpReplay {
-    fn clone_request(&self, request: &Request<B>) -> Option<Request<B>> {
-        let mut copy = Request::new(request.body().clone());
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
+    type Attempt = Request<B>;
+    type Source = Request<B>;
+
+    fn first(&self, request: Request<B>, keep: bool) -> (Request<B>, Option<Request<B>>) {
+        let copy = keep.then(|| copy_request(&request, request.body().clone()));
+        (request, copy)
+    }
+
+    fn next(&self, source: &Request<B>) -> Result<Request<B>, SuppressReason> {
+        Ok(copy_request(source, source.body().clone()))
     }
 
     fn is_idempotent(&self, request: &Request<B>) -> bool {
-        is_idempotent_method(request.method()) || request.headers().contains_key(IDEMPOTENCY_KEY)
+        is_idempotent_request(request)
     }
 
     fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
         Some(request.extensions_mut())
     }
+}
+
+/// Replays `http::Request<B>` for any body, streaming ones included, by wrapping it in a
+/// [`ReplayBody`] that keeps up to `cap` bytes (default 64 KiB) for later attempts. The
+/// inner service receives `http::Request<ReplayBody<B>>`. Method safety is as for
+/// [`HttpReplay`].
+///
+/// A body whose `Content-Length` or size hint is over the cap is sent once and nothing of
+/// it is kept. A body that grows past the cap while it streams is sent in
+/// full by its first attempt and then cannot be sent again. In both cases a retry the
+/// classifier asks for is declined with [`SuppressReason::BodyTooLarge`].
+///
+/// The body must be `Unpin` (box a body that is not: `Box::pin(body)`), because the
+/// caller's body moves between attempts when an attempt ends before reading all of it.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyReplay {
+    cap: usize,
+}
+
+impl BodyReplay {
+    /// Keeps up to 64 KiB of each request body.
+    pub const fn new() -> Self {
+        BodyReplay { cap: 64 * 1024 }
+    }
+
+    /// Sets the most bytes of a body kept for later attempts.
+    pub const fn cap(mut self, bytes: usize) -> Self {
+        self.cap = bytes;
+        self
+    }
+}
+
+impl Default for BodyReplay {
+    fn default() -> Self {
+        BodyReplay::new()
+    }
+}
+
+/// The request head and a handle on the kept body, from which [`BodyReplay`] makes
+/// later attempts.
+#[derive(Debug)]
+pub struct BodySource<B> {
+    head: Request<()>,
+    /// `None` when the body was announced to be over the cap and is not kept.
+    body: Option<ReplayBody<B>>,
+}
+
+impl<B> Replay<Request<B>> for BodyReplay
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Attempt = Request<ReplayBody<B>>;
+    type Source = BodySource<B>;
+
+    fn first(
+        &self,
+        request: Request<B>,
+        keep: bool,
+    ) -> (Request<ReplayBody<B>>, Option<BodySource<B>>) {
+        let (parts, body) = request.into_parts();
+        let head = Request::from_parts(parts, ());
+        if !keep {
+            return (rebuild(&head, ReplayBody::once(body)), None);
+        }
+
+        let announced = declared_length(&head)
+            .unwrap_or(0)
+            .max(body.size_hint().lower());
+        let (body, kept) = if announced > self.cap as u64 {
+            (ReplayBody::once(body), None)
+        } else {
+            let body = ReplayBody::kept(body, self.cap);
+            let handle = body.handle();
+            (body, Some(handle))
+        };
+        let attempt = rebuild(&head, body);
+        (attempt, Some(BodySource { head, body: kept }))
+    }
+
+    fn next(&self, source: &BodySource<B>) -> Result<Request<ReplayBody<B>>, SuppressReason> {
+        let Some(kept) = &source.body else {
+            return Err(SuppressReason::BodyTooLarge);
+        };
+        match kept.replay() {
+            Some(body) => Ok(rebuild(&source.head, body)),
+            None if kept.is_unreplayable() => Err(SuppressReason::BodyTooLarge),
+            None => Err(SuppressReason::NotReplayable),
+        }
+    }
+
+    fn is_idempotent(&self, request: &Request<B>) -> bool {
+        is_idempotent_request(request)
+    }
+
+    fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
+        Some(request.extensions_mut())
+    }
+}
+
+/// The `Content-Length` the request declares, if valid.
+fn declared_length(head: &Request<()>) -> Option<u64> {
+    head.headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A request with `head`'s method, URI, version, headers and extensions, and `body`.
+fn rebuild<T>(head: &Request<()>, body: T) -> Request<T> {
+    copy_request(head, body)
+}
+
+fn copy_request<T, U>(request: &Request<T>, body: U) -> Request<U> {
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    copy
+}
+
+fn is_idempotent_request<B>(request: &Request<B>) -> bool {
+    is_idempotent_method(request.method()) || request.headers().contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Whether RFC 9110 defines the method as idempotent.
@@ -82,7 +227,7 @@ pub(crate) fn is_idempotent_method(method: &Method) -> bool {
 ///
 /// Such requests have no extensions, so a [`RetryMetricsLayer`](crate::RetryMetricsLayer)
 /// above sees one attempt per logical request: the per-attempt, backoff and suppressed
-/// metrics need `http::Request` and [`HttpReplay`].
+/// metrics need `http::Request` and [`HttpReplay`] or [`BodyReplay`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CloneReplay {
     _private: (),
@@ -96,8 +241,16 @@ impl CloneReplay {
 }
 
 impl<Req: Clone> Replay<Req> for CloneReplay {
-    fn clone_request(&self, request: &Req) -> Option<Req> {
-        Some(request.clone())
+    type Attempt = Req;
+    type Source = Req;
+
+    fn first(&self, request: Req, keep: bool) -> (Req, Option<Req>) {
+        let copy = keep.then(|| request.clone());
+        (request, copy)
+    }
+
+    fn next(&self, source: &Req) -> Result<Req, SuppressReason> {
+        Ok(source.clone())
     }
 
     fn is_idempotent(&self, _request: &Req) -> bool {
