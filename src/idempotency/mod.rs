@@ -7,6 +7,8 @@
 
 mod fingerprint;
 mod key;
+mod problem;
+pub mod server;
 pub mod store;
 
 use http::HeaderName;
@@ -14,6 +16,7 @@ use http::HeaderName;
 pub use self::fingerprint::Fingerprint;
 pub(crate) use self::key::LogicalRequest;
 pub use self::key::{IdempotencyKey, IdempotencyKeyLayer, KeyGenerator};
+pub use self::server::{Idempotency, IdempotencyLayer};
 pub use self::store::{IdempotencyStore, MemoryStore};
 
 /// The `Idempotency-Key` request header (IETF draft `draft-ietf-httpapi-idempotency-key-header`).
