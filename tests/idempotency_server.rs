@@ -64,11 +64,19 @@ fn request(
     if let Some(key) = key {
         builder = builder.header(IDEMPOTENCY_KEY, HeaderValue::from_bytes(key).unwrap());
     }
-    builder.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+    builder
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
 }
 
 fn keyed_post(address: SocketAddr, key: &str, body: &'static str) -> Request<Full<Bytes>> {
-    request(Method::POST, address, "/charges", Some(key.as_bytes()), body)
+    request(
+        Method::POST,
+        address,
+        "/charges",
+        Some(key.as_bytes()),
+        body,
+    )
 }
 
 async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Received {
@@ -90,7 +98,8 @@ where
     }
 }
 
-/// A `POST /charges` handler that counts its calls and returns `{"charge":N}`.
+/// An app whose `/charges` (`GET` and `POST`) and `POST /refunds` handler counts its calls
+/// and returns `{"charge":N,"bytes":M}`: the call number and the request body length.
 fn counting_app(layer: IdempotencyLayer<impl IdempotencyStore>) -> (Router, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&calls);
@@ -169,7 +178,8 @@ async fn concurrent_duplicates_run_once() {
         tasks.push(tokio::spawn(async move {
             let mut first_round = true;
             for _ in 0..500 {
-                let received = send(&client, keyed_post(address, "same-key", "{\"amount\":100}")).await;
+                let received =
+                    send(&client, keyed_post(address, "same-key", "{\"amount\":100}")).await;
                 if received.status != StatusCode::CONFLICT {
                     return received;
                 }
@@ -275,7 +285,13 @@ async fn mismatch_rejected_with_422() {
     let other_body = send(&client, keyed_post(address, "k", "{\"amount\":2}")).await;
     assert_problem(&other_body, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let other_path = request(Method::POST, address, "/refunds", Some(b"k"), "{\"amount\":1}");
+    let other_path = request(
+        Method::POST,
+        address,
+        "/refunds",
+        Some(b"k"),
+        "{\"amount\":1}",
+    );
     let other_path = send(&client, other_path).await;
     assert_problem(&other_path, StatusCode::UNPROCESSABLE_ENTITY);
 
@@ -373,7 +389,8 @@ async fn dropped_request_releases_key() {
         .await
         .unwrap();
     let connection = tokio::spawn(connection);
-    let in_flight = tokio::spawn(async move { sender.send_request(keyed_post(address, "k", "{}")).await });
+    let in_flight =
+        tokio::spawn(async move { sender.send_request(keyed_post(address, "k", "{}")).await });
     entered.notified().await;
     in_flight.abort();
     connection.abort();
@@ -401,7 +418,11 @@ async fn invalid_keys_rejected_with_400() {
 
     let too_long = vec![b'k'; 256];
     for key in [&b""[..], &too_long, b"caf\xe9", b"a b"] {
-        let received = send(&client, request(Method::POST, address, "/charges", Some(key), "{}")).await;
+        let received = send(
+            &client,
+            request(Method::POST, address, "/charges", Some(key), "{}"),
+        )
+        .await;
         assert_problem(&received, StatusCode::BAD_REQUEST);
     }
 
@@ -436,7 +457,11 @@ async fn missing_key_passes_through() {
     let client = client();
 
     for _ in 0..2 {
-        let received = send(&client, request(Method::POST, address, "/charges", None, "{}")).await;
+        let received = send(
+            &client,
+            request(Method::POST, address, "/charges", None, "{}"),
+        )
+        .await;
         assert_eq!(received.status, StatusCode::OK);
         assert!(received.replayed().is_none());
     }
@@ -450,7 +475,11 @@ async fn required_key_rejects_missing() {
     let address = serve(app).await;
     let client = client();
 
-    let received = send(&client, request(Method::POST, address, "/charges", None, "{}")).await;
+    let received = send(
+        &client,
+        request(Method::POST, address, "/charges", None, "{}"),
+    )
+    .await;
     assert_problem(&received, StatusCode::BAD_REQUEST);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 
@@ -505,7 +534,13 @@ async fn oversized_response_replays_empty() {
     let counter = Arc::clone(&calls);
     let handler = move || {
         counter.fetch_add(1, Ordering::SeqCst);
-        async move { (StatusCode::CREATED, [("x-charge-id", "ch_big")], vec![b'x'; 4096]) }
+        async move {
+            (
+                StatusCode::CREATED,
+                [("x-charge-id", "ch_big")],
+                vec![b'x'; 4096],
+            )
+        }
     };
     let layer = IdempotencyLayer::new(MemoryStore::new()).max_response_body(1024);
     let app = Router::new().route("/charges", post(handler)).layer(layer);
@@ -568,11 +603,70 @@ impl IdempotencyStore for FailingStore {
     }
 }
 
+/// A [`MemoryStore`] whose `complete` always fails.
+#[derive(Clone, Default)]
+struct CompleteFailingStore {
+    inner: MemoryStore,
+}
+
+impl IdempotencyStore for CompleteFailingStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.inner.begin(key, fingerprint, owner, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        _key: &RecordKey,
+        _owner: &OwnerToken,
+        _response: StoredResponse,
+        _replay_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::backend(io::Error::other("connection reset")))
+    }
+
+    async fn release(&self, key: &RecordKey, owner: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, owner).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, owner, lock_ttl).await
+    }
+}
+
+#[tokio::test]
+async fn failed_completion_keeps_response() {
+    let (app, calls) = counting_app(IdempotencyLayer::new(CompleteFailingStore::default()));
+    let address = serve(app).await;
+    let client = client();
+
+    let first = send(&client, keyed_post(address, "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body, "{\"charge\":0,\"bytes\":2}");
+
+    // The key stays claimed until the lock TTL expires, so the retry does not run.
+    let retry = send(&client, keyed_post(address, "k", "{}")).await;
+    assert_problem(&retry, StatusCode::CONFLICT);
+    assert!(retry.headers.contains_key(RETRY_AFTER));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn store_failure_fails_closed() {
     let store = FailingStore::default();
     let begins = Arc::clone(&store.begins);
-    let (app, calls) = counting_app(IdempotencyLayer::new(store).retry_after(Duration::from_secs(3)));
+    let (app, calls) =
+        counting_app(IdempotencyLayer::new(store).retry_after(Duration::from_secs(3)));
     let address = serve(app).await;
     let client = client();
 
@@ -633,7 +727,8 @@ async fn metrics_count_outcomes() {
             }
         }
     };
-    let (app, _calls) = counting_app(IdempotencyLayer::new(MemoryStore::new()).max_request_body(64));
+    let (app, _calls) =
+        counting_app(IdempotencyLayer::new(MemoryStore::new()).max_request_body(64));
     let app = app.route(
         "/slow",
         post(slow).layer(IdempotencyLayer::new(MemoryStore::new())),
@@ -647,18 +742,35 @@ async fn metrics_count_outcomes() {
     assert_eq!(send(&client, get).await.status, StatusCode::OK);
     let no_key = request(Method::POST, address, "/charges", None, "{}");
     assert_eq!(send(&client, no_key).await.status, StatusCode::OK);
-    assert_eq!(send(&client, keyed_post(address, "k", "{}")).await.status, StatusCode::OK);
-    assert_eq!(send(&client, keyed_post(address, "k", "{}")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&client, keyed_post(address, "k", "{}")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&client, keyed_post(address, "k", "{}")).await.status,
+        StatusCode::OK
+    );
     let mismatch = send(&client, keyed_post(address, "k", "[]")).await;
     assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
     let empty_key = request(Method::POST, address, "/charges", Some(b""), "{}");
-    assert_eq!(send(&client, empty_key).await.status, StatusCode::BAD_REQUEST);
-    let large = keyed_post(address, "large", "0123456789012345678901234567890123456789012345678901234567890123456789");
-    assert_eq!(send(&client, large).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        send(&client, empty_key).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let large = keyed_post(
+        address,
+        "large",
+        "0123456789012345678901234567890123456789012345678901234567890123456789",
+    );
+    assert_eq!(
+        send(&client, large).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
     let failing = send(&client, keyed_post(failing_address, "k", "{}")).await;
     assert_eq!(failing.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let slow_path = |key: &'static str| request(Method::POST, address, "/slow", Some(key.as_bytes()), "{}");
+    let slow_path =
+        |key: &'static str| request(Method::POST, address, "/slow", Some(key.as_bytes()), "{}");
     let first_slow = tokio::spawn({
         let client = client.clone();
         let request = slow_path("s");
@@ -697,7 +809,11 @@ async fn metrics_count_outcomes() {
         ("in_flight", 1),
     ];
     for (outcome, count) in expected {
-        assert_eq!(counts.get(outcome), Some(&count), "outcome {outcome}: {counts:?}");
+        assert_eq!(
+            counts.get(outcome),
+            Some(&count),
+            "outcome {outcome}: {counts:?}"
+        );
     }
     assert_eq!(counts.len(), expected.len(), "{counts:?}");
 }

@@ -10,9 +10,9 @@ use http::{HeaderValue, Response, StatusCode};
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
-/// A problem response whose body names no problem type beyond its status
+/// Builds a problem response whose body names no problem type beyond its status
 /// (`"type": "about:blank"`), so the title is the status's reason phrase and `detail`
-/// says what went wrong.
+/// describes the failure.
 ///
 /// `detail` is JSON-escaped. Callers pass fixed text and never the request's key or body.
 pub(crate) fn problem(status: StatusCode, detail: &str) -> Response<Bytes> {
@@ -30,7 +30,7 @@ pub(crate) fn problem(status: StatusCode, detail: &str) -> Response<Bytes> {
     response
 }
 
-/// A problem response with `Retry-After` in whole seconds, rounded up.
+/// Builds a problem response with `Retry-After` in whole seconds, rounded up.
 pub(crate) fn problem_retry_after(
     status: StatusCode,
     detail: &str,
@@ -90,7 +90,10 @@ mod tests {
     fn detail_is_escaped() {
         let response = problem(StatusCode::BAD_REQUEST, "a\"b\\c\n\u{1}");
         let body = std::str::from_utf8(response.body()).unwrap();
-        assert!(body.ends_with("\"detail\":\"a\\\"b\\\\c\\n\\u0001\"}"), "{body}");
+        assert!(
+            body.ends_with("\"detail\":\"a\\\"b\\\\c\\n\\u0001\"}"),
+            "{body}"
+        );
     }
 
     #[test]

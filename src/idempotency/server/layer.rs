@@ -53,10 +53,11 @@ pub(super) enum Scope {
 }
 
 impl<St> IdempotencyLayer<St> {
-    /// Creates a layer that keeps its records in `store`, with the defaults: `POST` and
-    /// `PATCH`, key optional, 1 MiB request and response bodies, a 60 s lock TTL, a 24 h
-    /// replay TTL, `Retry-After: 1`, scope by `Authorization`, no `Set-Cookie` stored,
-    /// fail closed.
+    /// Creates a layer that keeps its records in `store`.
+    ///
+    /// The defaults: `POST` and `PATCH`, key optional, 1 MiB request and response bodies,
+    /// a 60 s lock TTL, a 24 h replay TTL, `Retry-After: 1`, scope by `Authorization`, no
+    /// `Set-Cookie` stored, fail closed.
     pub fn new(store: St) -> Self {
         IdempotencyLayer {
             store: Arc::new(store),
@@ -142,10 +143,7 @@ impl<St> IdempotencyLayer<St> {
     ///
     /// Requests that map to one scope can replay each other's responses, so the scope must
     /// identify the caller.
-    pub fn scope_with(
-        mut self,
-        scope: impl Fn(&Parts) -> String + Send + Sync + 'static,
-    ) -> Self {
+    pub fn scope_with(mut self, scope: impl Fn(&Parts) -> String + Send + Sync + 'static) -> Self {
         self.config.scope = Scope::Custom(Arc::new(scope));
         self
     }
@@ -211,6 +209,10 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::from_parts(inner, Arc::clone(&self.store), Arc::new(self.config.clone()))
+        Idempotency::from_parts(
+            inner,
+            Arc::clone(&self.store),
+            Arc::new(self.config.clone()),
+        )
     }
 }

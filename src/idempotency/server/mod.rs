@@ -1,12 +1,14 @@
 //! The server side: each request with a given `Idempotency-Key` runs once, and every
 //! retry gets the stored response.
 //!
-//! The behaviour follows the IETF draft `draft-ietf-httpapi-idempotency-key-header` and
-//! the documented behaviour of Stripe's API; [`Idempotency`] lists every case.
+//! The status codes follow the IETF draft `draft-ietf-httpapi-idempotency-key-header-06`
+//! (400 for a missing or invalid key, 409 while the first request runs, 422 for a key
+//! reused with another request). [`Idempotency`] lists every case.
 
 mod body;
 mod future;
 mod layer;
+mod lease;
 mod request;
 mod run;
 
@@ -68,10 +70,10 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// The response body is buffered up to
 /// [`max_response_body`](IdempotencyLayer::max_response_body) before it is sent, so a slow
 /// stream reaches the first caller only when it ends or passes the cap. A larger body,
-/// a body with trailers or a body that fails midway is sent to the first caller in full,
-/// and the request is recorded as completed without a body: a retry never runs a
-/// processed request again, and its replay has the stored status and headers, an empty
-/// body and `Content-Length: 0`.
+/// a body with trailers or a body that fails midway is sent to the first caller in full.
+/// The request is then recorded as completed without a body, so a retry never runs a
+/// processed request again. Its replay has the stored status and headers, an empty body
+/// and `Content-Length: 0`.
 ///
 /// # When the key is released
 ///

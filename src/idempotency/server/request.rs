@@ -17,7 +17,7 @@ pub(super) const MAX_KEY_LENGTH: usize = 255;
 /// The scope of requests without an `Authorization` header, or with an empty one.
 const ANONYMOUS_SCOPE: &str = "anonymous";
 
-/// Why an `Idempotency-Key` header was rejected; each message is the problem detail.
+/// The reason an `Idempotency-Key` header was rejected. Its message is the problem detail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum InvalidKey {
     Missing,
@@ -137,7 +137,7 @@ fn authorization_scope(secret: &[u8; 32], headers: &HeaderMap) -> String {
     hasher.finalize().to_hex().to_string()
 }
 
-/// Why a request body could not be buffered.
+/// The reason a request body could not be buffered.
 pub(super) enum ReadError {
     TooLarge,
     Body(BoxError),
@@ -242,7 +242,13 @@ mod tests {
     #[test]
     fn stored_headers_skip_hop_by_hop() {
         let mut headers = HeaderMap::new();
-        for name in ["connection", "keep-alive", "proxy-authenticate", "te", "trailer"] {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "te",
+            "trailer",
+        ] {
             headers.insert(name, HeaderValue::from_static("x"));
         }
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));

@@ -2,7 +2,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -11,17 +10,18 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
+use super::ResponseBody;
 use super::body::{Buffered, buffer_body};
 use super::layer::Config;
+use super::lease::{Lease, OnDrop};
 use super::request::{ReadError, read_body, scope, storable_headers};
-use super::ResponseBody;
 use crate::BoxError;
 use crate::idempotency::problem::{problem, problem_retry_after};
 use crate::idempotency::store::{Begin, IdempotencyStore, OwnerToken, RecordKey, StoredResponse};
 use crate::idempotency::{Fingerprint, IDEMPOTENT_REPLAYED};
 use crate::metrics::names::IDEMPOTENCY_REQUESTS_TOTAL;
 
-/// What the layer did with a request: the `outcome` label of
+/// The outcome of a request in the layer, counted as the `outcome` label of
 /// `idempotency_requests_total`.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Outcome {
@@ -110,7 +110,11 @@ where
         }
         Ok(Begin::InFlight { expires_in }) => {
             Outcome::InFlight.count();
-            tracing::debug!(key = record_key.key(), ?expires_in, "idempotency key in flight");
+            tracing::debug!(
+                key = record_key.key(),
+                ?expires_in,
+                "idempotency key in flight"
+            );
             let detail = "A request with this Idempotency-Key is still being processed. \
                           Retry after the delay in Retry-After.";
             let response = problem_retry_after(StatusCode::CONFLICT, detail, config.retry_after);
@@ -167,10 +171,10 @@ where
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
+    Outcome::Executed.count();
     let result = AssertUnwindSafe(async { inner.call(request).await })
         .catch_unwind()
         .await;
-    Outcome::Executed.count();
     let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
@@ -223,100 +227,4 @@ fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     }
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
-}
-
-/// A claim on a key, which is released or completed when dropped unfinished.
-struct Lease<St: IdempotencyStore> {
-    store: Arc<St>,
-    key: RecordKey,
-    owner: OwnerToken,
-    replay_ttl: Duration,
-    on_drop: Option<OnDrop>,
-}
-
-enum OnDrop {
-    Release,
-    Complete(StoredResponse),
-}
-
-impl<St: IdempotencyStore> Lease<St> {
-    fn new(store: Arc<St>, key: RecordKey, owner: OwnerToken, replay_ttl: Duration) -> Self {
-        Lease {
-            store,
-            key,
-            owner,
-            replay_ttl,
-            on_drop: Some(OnDrop::Release),
-        }
-    }
-
-    async fn release(mut self) {
-        self.on_drop = None;
-        release(&*self.store, &self.key, &self.owner).await;
-    }
-
-    async fn complete(mut self, response: StoredResponse) {
-        self.on_drop = None;
-        complete(&*self.store, &self.key, &self.owner, response, self.replay_ttl).await;
-    }
-}
-
-impl<St: IdempotencyStore> Drop for Lease<St> {
-    fn drop(&mut self) {
-        let Some(action) = self.on_drop.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                key = self.key.key(),
-                "request dropped outside a Tokio runtime, so its key stays claimed until the \
-                 lock TTL expires"
-            );
-            return;
-        };
-
-        let store = Arc::clone(&self.store);
-        let key = self.key.clone();
-        let owner = self.owner.clone();
-        let replay_ttl = self.replay_ttl;
-        runtime.spawn(async move {
-            match action {
-                OnDrop::Release => release(&*store, &key, &owner).await,
-                OnDrop::Complete(response) => {
-                    complete(&*store, &key, &owner, response, replay_ttl).await;
-                }
-            }
-        });
-    }
-}
-
-async fn release<St: IdempotencyStore>(store: &St, key: &RecordKey, owner: &OwnerToken) {
-    if let Err(error) = store.release(key, owner).await {
-        tracing::warn!(
-            key = key.key(),
-            error = &error as &dyn std::error::Error,
-            "failed to release the idempotency key, so it stays claimed until the lock TTL \
-             expires"
-        );
-    }
-}
-
-/// Stores the response. On failure the caller still gets the response, because the
-/// request was processed; a retry then gets `409` until the lock TTL expires and runs the
-/// request again after that.
-async fn complete<St: IdempotencyStore>(
-    store: &St,
-    key: &RecordKey,
-    owner: &OwnerToken,
-    response: StoredResponse,
-    replay_ttl: Duration,
-) {
-    if let Err(error) = store.complete(key, owner, response, replay_ttl).await {
-        tracing::error!(
-            key = key.key(),
-            error = &error as &dyn std::error::Error,
-            "failed to store the response of a processed request, so a retry after the lock \
-             TTL runs it again"
-        );
-    }
 }

@@ -40,7 +40,9 @@ async fn claim_then_duplicate_in_flight() {
     claim(&store, &key("k"), &first).await;
 
     let second = OwnerToken::generate();
-    let begin = store.begin(&key("k"), &fingerprint(1), &second, LOCK_TTL).await;
+    let begin = store
+        .begin(&key("k"), &fingerprint(1), &second, LOCK_TTL)
+        .await;
     match begin {
         Ok(Begin::InFlight { expires_in }) => assert!(expires_in <= LOCK_TTL),
         other => panic!("expected InFlight, got {other:?}"),
@@ -54,14 +56,18 @@ async fn mismatch_in_flight_and_completed() {
     claim(&store, &key("k"), &owner).await;
 
     let other = OwnerToken::generate();
-    let begin = store.begin(&key("k"), &fingerprint(2), &other, LOCK_TTL).await;
+    let begin = store
+        .begin(&key("k"), &fingerprint(2), &other, LOCK_TTL)
+        .await;
     assert!(matches!(begin, Ok(Begin::Mismatch)), "{begin:?}");
 
     store
         .complete(&key("k"), &owner, response(b"{}"), REPLAY_TTL)
         .await
         .unwrap();
-    let begin = store.begin(&key("k"), &fingerprint(2), &other, LOCK_TTL).await;
+    let begin = store
+        .begin(&key("k"), &fingerprint(2), &other, LOCK_TTL)
+        .await;
     assert!(matches!(begin, Ok(Begin::Mismatch)), "{begin:?}");
 }
 
@@ -76,7 +82,12 @@ async fn complete_then_replay() {
         .unwrap();
 
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     match begin {
         Ok(Begin::Completed(stored)) => assert_eq!(stored, response(b"{\"id\":1}")),
@@ -106,7 +117,12 @@ async fn release_by_stranger_rejected() {
         .unwrap_err();
     assert!(error.is_stale_owner(), "{error}");
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     assert!(matches!(begin, Ok(Begin::InFlight { .. })), "{begin:?}");
 }
@@ -119,7 +135,12 @@ async fn expired_lease_taken_over() {
 
     tokio::time::advance(LOCK_TTL - Duration::from_millis(1)).await;
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     assert!(matches!(begin, Ok(Begin::InFlight { .. })), "{begin:?}");
 
@@ -150,7 +171,12 @@ async fn renew_extends_lease() {
     store.renew(&key("k"), &owner, LOCK_TTL).await.unwrap();
     tokio::time::advance(Duration::from_secs(50)).await;
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     match begin {
         Ok(Begin::InFlight { expires_in }) => assert_eq!(expires_in, Duration::from_secs(10)),
@@ -195,7 +221,12 @@ async fn replay_ttl_expires() {
 
     tokio::time::advance(REPLAY_TTL - Duration::from_millis(1)).await;
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     assert!(matches!(begin, Ok(Begin::Completed(_))), "{begin:?}");
 
@@ -214,7 +245,9 @@ async fn concurrent_claims_one_winner() {
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let owner = OwnerToken::generate();
-            store.begin(&key("k"), &fingerprint(1), &owner, LOCK_TTL).await
+            store
+                .begin(&key("k"), &fingerprint(1), &owner, LOCK_TTL)
+                .await
         }));
     }
 
@@ -253,7 +286,12 @@ async fn binary_body_and_multi_value_headers() {
         .unwrap();
 
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     let Ok(Begin::Completed(replayed)) = begin else {
         panic!("expected Completed, got {begin:?}");
@@ -273,13 +311,23 @@ async fn entry_bound_rejects_then_sweeps() {
     }
 
     let error = store
-        .begin(&key("d"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("d"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await
         .unwrap_err();
     assert!(error.is_capacity(), "{error}");
     // A full store still reports the state of the keys it contains.
     let begin = store
-        .begin(&key("a"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("a"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     assert!(matches!(begin, Ok(Begin::InFlight { .. })), "{begin:?}");
 
@@ -303,7 +351,12 @@ async fn byte_bound_drops_body() {
         .unwrap();
 
     let begin = store
-        .begin(&key("k"), &fingerprint(1), &OwnerToken::generate(), LOCK_TTL)
+        .begin(
+            &key("k"),
+            &fingerprint(1),
+            &OwnerToken::generate(),
+            LOCK_TTL,
+        )
         .await;
     let Ok(Begin::Completed(replayed)) = begin else {
         panic!("expected Completed, got {begin:?}");
