@@ -1,9 +1,11 @@
 //! The server side: each request with a given `Idempotency-Key` runs once, and every
 //! retry gets the stored response.
 //!
-//! The status codes follow the IETF draft `draft-ietf-httpapi-idempotency-key-header-06`
-//! (400 for a missing or invalid key, 409 while the first request runs, 422 for a key
-//! reused with another request). [`Idempotency`] lists every case.
+//! A missing key gets `400` and a key reused with another request gets `422`, as in the
+//! IETF draft `draft-ietf-httpapi-idempotency-key-header-06`. A duplicate that arrives
+//! while the first request runs gets `409` with `Retry-After`, which the
+//! [`HttpClassifier`](crate::classify::HttpClassifier) of this crate retries.
+//! [`Idempotency`] lists every case.
 
 mod body;
 mod future;
