@@ -51,7 +51,9 @@ mod retry_after;
 /// The boxed error type the retry layer returns, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub use crate::idempotency::IdempotencyKeyLayer;
+pub use crate::idempotency::{
+    IdempotencyKeyLayer, IdempotencyLayer, IdempotencyStore, MemoryStore,
+};
 pub use crate::metrics::RetryMetricsLayer;
 #[cfg(feature = "report")]
 #[cfg_attr(docsrs, doc(cfg(feature = "report")))]

@@ -1,0 +1,115 @@
+//! The claim a running request holds on its key, and what happens to it when the
+//! request ends or is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::idempotency::store::{IdempotencyStore, OwnerToken, RecordKey, StoredResponse};
+
+/// A claim on a key, which is released or completed when dropped unfinished.
+pub(super) struct Lease<St: IdempotencyStore> {
+    store: Arc<St>,
+    key: RecordKey,
+    owner: OwnerToken,
+    replay_ttl: Duration,
+    pub(super) on_drop: Option<OnDrop>,
+}
+
+pub(super) enum OnDrop {
+    Release,
+    Complete(StoredResponse),
+}
+
+impl<St: IdempotencyStore> Lease<St> {
+    pub(super) fn new(
+        store: Arc<St>,
+        key: RecordKey,
+        owner: OwnerToken,
+        replay_ttl: Duration,
+    ) -> Self {
+        Lease {
+            store,
+            key,
+            owner,
+            replay_ttl,
+            on_drop: Some(OnDrop::Release),
+        }
+    }
+
+    pub(super) async fn release(mut self) {
+        self.on_drop = None;
+        release(&*self.store, &self.key, &self.owner).await;
+    }
+
+    pub(super) async fn complete(mut self, response: StoredResponse) {
+        self.on_drop = None;
+        complete(
+            &*self.store,
+            &self.key,
+            &self.owner,
+            response,
+            self.replay_ttl,
+        )
+        .await;
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Lease<St> {
+    fn drop(&mut self) {
+        let Some(action) = self.on_drop.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key = self.key.key(),
+                "request dropped outside a Tokio runtime, so its key stays claimed until the \
+                 lock TTL expires"
+            );
+            return;
+        };
+
+        let store = Arc::clone(&self.store);
+        let key = self.key.clone();
+        let owner = self.owner.clone();
+        let replay_ttl = self.replay_ttl;
+        runtime.spawn(async move {
+            match action {
+                OnDrop::Release => release(&*store, &key, &owner).await,
+                OnDrop::Complete(response) => {
+                    complete(&*store, &key, &owner, response, replay_ttl).await;
+                }
+            }
+        });
+    }
+}
+
+async fn release<St: IdempotencyStore>(store: &St, key: &RecordKey, owner: &OwnerToken) {
+    if let Err(error) = store.release(key, owner).await {
+        tracing::warn!(
+            key = key.key(),
+            error = &error as &dyn std::error::Error,
+            "failed to release the idempotency key, so it stays claimed until the lock TTL \
+             expires"
+        );
+    }
+}
+
+/// Stores the response, or logs at ERROR when that fails. The caller gets the response
+/// either way, because the request was processed. After a failure a retry gets `409`
+/// until the lock TTL expires, and then runs the request again.
+async fn complete<St: IdempotencyStore>(
+    store: &St,
+    key: &RecordKey,
+    owner: &OwnerToken,
+    response: StoredResponse,
+    replay_ttl: Duration,
+) {
+    if let Err(error) = store.complete(key, owner, response, replay_ttl).await {
+        tracing::error!(
+            key = key.key(),
+            error = &error as &dyn std::error::Error,
+            "failed to store the response of a processed request, so a retry after the lock \
+             TTL runs it again"
+        );
+    }
+}
