@@ -25,7 +25,7 @@ const SHARDS: usize = 16;
 /// other's keys; use a shared store for them. Clones share the records.
 ///
 /// Expired records are removed when their key is next used and, when the store is full,
-/// by a sweep: first of the key's shard, then of every shard. When the store is still
+/// by a sweep of every shard. When the store is still
 /// full, [`begin`](IdempotencyStore::begin) returns a capacity error
 /// ([`StoreError::is_capacity`]) instead of evicting a live record, because evicting a
 /// completed record would let a retry run its request again.
@@ -125,8 +125,7 @@ impl MemoryStore {
             .ok_or_else(StoreError::capacity)
     }
 
-    /// Returns `None` when a new record is needed and there is no room for it, even after
-    /// sweeping the key's shard.
+    /// Returns `None` when a new record is needed and there is no room for it.
     fn try_begin(
         &self,
         key: &RecordKey,
@@ -146,10 +145,7 @@ impl MemoryStore {
 
         let size = key_size(key);
         if !self.reserve(size) {
-            self.sweep(&mut shard, now);
-            if !self.reserve(size) {
-                return None;
-            }
+            return None;
         }
         let record = Record {
             fingerprint: *fingerprint,

@@ -331,7 +331,7 @@ async fn entry_bound_rejects_then_sweeps() {
         .await;
     assert!(matches!(begin, Ok(Begin::InFlight { .. })), "{begin:?}");
 
-    // Once the leases expire, a sweep makes room without touching keys "a" to "c".
+    // Once the leases expire, a sweep of every shard removes keys "a" to "c".
     tokio::time::advance(LOCK_TTL).await;
     claim(&store, &key("d"), &OwnerToken::generate()).await;
     assert_eq!(store.shared.entries.load(Ordering::Relaxed), 1);
