@@ -7,6 +7,49 @@
 //! - [`IdempotencyLayer`] runs a request with a given key once on the server and replays
 //!   its response to every retry.
 //! - [`RetryMetricsLayer`] records what retries cost, per logical request and per attempt.
+//!
+//! A server that charges once per key, and a client that retries with one key per order:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use bytes::Bytes;
+//! use http::{Request, StatusCode};
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_safe_retry::{
+//!     IdempotencyKeyLayer, IdempotencyLayer, MemoryStore, RetryLayer, RetryMetricsLayer,
+//!     RetryPolicy,
+//! };
+//!
+//! // The server: a retried POST with the same key runs `create_charge` once.
+//! async fn create_charge() -> (StatusCode, &'static str) {
+//!     (StatusCode::CREATED, "charged")
+//! }
+//! let app = axum::Router::new()
+//!     .route("/charges", axum::routing::post(create_charge))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let addr = listener.local_addr().unwrap();
+//! tokio::spawn(async move { axum::serve(listener, app).await });
+//!
+//! // The client: metrics, one key per logical request, then retries.
+//! let hyper_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let client = ServiceBuilder::new()
+//!     .layer(RetryMetricsLayer::new("payments"))
+//!     .layer(IdempotencyKeyLayer::new())
+//!     .layer(RetryLayer::new(RetryPolicy::http()))
+//!     .service(hyper_client);
+//!
+//! let order = Request::post(format!("http://{addr}/charges"))
+//!     .body(Full::new(Bytes::from_static(b"order=42")))
+//!     .unwrap();
+//! let response = client.oneshot(order).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::CREATED);
+//! # }
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(

@@ -1,7 +1,7 @@
 //! Retries with classification, backoff, deadlines and method safety.
 //!
 //! [`Retry`] sends a request, classifies the outcome with the policy's
-//! [`Classify`](crate::classify::Classify) implementation and, when the outcome is worth
+//! [`Classify`] implementation and, when the outcome is worth
 //! another attempt and the request may be sent again, sleeps by the policy's
 //! [`Backoff`](crate::backoff::Backoff) and sends a copy.
 //!
