@@ -42,6 +42,9 @@ enum Kind<B> {
 }
 
 struct Shared<B> {
+    /// The size hint of the caller's body, which every copy reports so that each attempt
+    /// is framed alike (`Content-Length` or chunked).
+    hint: SizeHint,
     chunks: Vec<Bytes>,
     kept_len: usize,
     cap: usize,
@@ -65,6 +68,7 @@ impl<B: Body> ReplayBody<B> {
     /// Wraps `body`, keeping up to `cap` bytes of it for later attempts.
     pub(crate) fn kept(body: B, cap: usize) -> Self {
         let shared = Shared {
+            hint: body.size_hint(),
             chunks: Vec::new(),
             kept_len: 0,
             cap,
@@ -251,32 +255,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Once(body) => body.size_hint(),
-            Kind::Kept {
-                shared,
-                position,
-                source,
-                ..
-            } => {
-                let state = lock(shared);
-                let kept: usize = state.chunks[(*position).min(state.chunks.len())..]
-                    .iter()
-                    .map(Bytes::len)
-                    .sum();
-                if state.ended {
-                    return SizeHint::with_exact(kept as u64);
-                }
-                let rest = source
-                    .as_ref()
-                    .or(state.source.as_ref())
-                    .map(Body::size_hint)
-                    .unwrap_or_default();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + kept as u64);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + kept as u64);
-                }
-                hint
-            }
+            Kind::Kept { shared, .. } => lock(shared).hint.clone(),
         }
     }
 }
@@ -338,5 +317,88 @@ impl<B> fmt::Debug for ReplayBody<B> {
                 .field("position", position)
                 .finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use futures_util::stream;
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    type Chunks = StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    fn chunks(sizes: &[usize]) -> Chunks {
+        let frames: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, size)| Ok(Frame::data(Bytes::from(vec![index as u8; *size]))))
+            .collect();
+        StreamBody::new(stream::iter(frames))
+    }
+
+    fn kept_len<B>(body: &ReplayBody<B>) -> usize {
+        let Kind::Kept { shared, .. } = &body.kind else {
+            panic!("not a kept body");
+        };
+        let state = lock(shared);
+        state.chunks.iter().map(Bytes::len).sum()
+    }
+
+    #[tokio::test]
+    async fn kept_bytes_never_exceed_cap() {
+        let mut body = ReplayBody::kept(chunks(&[40; 10]), 100);
+        let handle = body.handle();
+        let mut sent = 0;
+        while let Some(frame) = body.frame().await {
+            sent += frame.unwrap().into_data().unwrap().len();
+            assert!(kept_len(&handle) <= 100, "{}", kept_len(&handle));
+        }
+
+        assert_eq!(sent, 400);
+        assert_eq!(kept_len(&handle), 0);
+        assert!(handle.is_unreplayable());
+        assert!(handle.replay().is_none());
+    }
+
+    #[tokio::test]
+    async fn replay_reads_the_rest_of_an_unfinished_body() {
+        let mut first = ReplayBody::kept(chunks(&[3, 4, 5]), 100);
+        let handle = first.handle();
+        let chunk = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(chunk.len(), 3);
+        // The first attempt ended after one chunk, as when a server answers early.
+        drop(first);
+
+        let replay = handle.replay().expect("the source is parked");
+        let collected = replay.collect().await.unwrap().to_bytes();
+        assert_eq!(collected.len(), 12);
+        assert_eq!(&collected[..3], &[0, 0, 0]);
+        assert_eq!(&collected[3..7], &[1, 1, 1, 1]);
+        assert_eq!(&collected[7..], &[2, 2, 2, 2, 2]);
+
+        let again = handle.replay().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(again, collected);
+    }
+
+    #[tokio::test]
+    async fn replay_refused_while_source_held() {
+        let mut first = ReplayBody::kept(chunks(&[3, 4]), 100);
+        let handle = first.handle();
+        first.frame().await.unwrap().unwrap();
+        // `first` still holds the source and has not finished it.
+        assert!(handle.replay().is_none());
+        assert!(!handle.is_unreplayable());
+    }
+
+    #[tokio::test]
+    async fn once_body_is_forwarded_unchanged() {
+        let body = ReplayBody::once(chunks(&[2, 2]));
+        assert!(body.is_unreplayable());
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], &[0, 0, 1, 1]);
     }
 }

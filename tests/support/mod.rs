@@ -63,6 +63,7 @@ pub struct Hit {
     pub method: Method,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
 }
 
 #[derive(Default)]
@@ -138,7 +139,9 @@ async fn handle(
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let headers = request.headers().clone();
-    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let collected = request.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    let body = collected.to_bytes();
     state
         .hits
         .lock()
@@ -149,6 +152,7 @@ async fn handle(
             method,
             headers,
             body,
+            trailers,
         });
 
     let step = {
