@@ -255,7 +255,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Once(body) => body.size_hint(),
-            Kind::Kept { shared, .. } => lock(shared).hint.clone(),
+            Kind::Kept { shared, .. } => lock(shared).hint,
         }
     }
 }
