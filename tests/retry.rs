@@ -663,3 +663,147 @@ fn invalid_policies_are_rejected() {
         assert!(message.starts_with("invalid retry policy: "), "{message}");
     }
 }
+
+/// The attempt number and `x-attempt` header of one call.
+type Call = (u32, Option<String>);
+
+/// A service that answers 503 to the first `failures` calls and 200 after, and records
+/// every call.
+#[derive(Clone)]
+struct Recorder {
+    failures: u32,
+    calls: Arc<std::sync::Mutex<Vec<Call>>>,
+}
+
+impl Recorder {
+    fn new(failures: u32) -> Self {
+        Recorder {
+            failures,
+            calls: Arc::default(),
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Service<Request<()>> for Recorder {
+    type Response = Response<()>;
+    type Error = support::Never;
+    type Future = std::future::Ready<Result<Response<()>, support::Never>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), support::Never>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<()>) -> Self::Future {
+        let attempt = tower_safe_retry::retry::Attempt::of(request.extensions());
+        let header = request
+            .headers()
+            .get("x-attempt")
+            .map(|value| value.to_str().unwrap().to_owned());
+        let mut calls = self.calls.lock().unwrap();
+        calls.push((attempt, header));
+        let mut response = Response::new(());
+        if calls.len() as u32 <= self.failures {
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn attempt_number_reaches_inner_service() {
+    let recorder = Recorder::new(2);
+    let policy = no_delay()
+        .attempt_header(http::HeaderName::from_static("x-attempt"))
+        .build()
+        .unwrap();
+
+    let response = RetryLayer::new(policy)
+        .layer(recorder.clone())
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let expected = [
+        (1, Some("1".to_owned())),
+        (2, Some("2".to_owned())),
+        (3, Some("3".to_owned())),
+    ];
+    assert_eq!(recorder.calls(), expected);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn nested_retry_layer_does_not_retry() {
+    let recorder = Recorder::new(u32::MAX);
+    let inner = RetryLayer::new(no_delay().max_attempts(3).build().unwrap());
+    let outer = RetryLayer::new(no_delay().max_attempts(3).build().unwrap());
+
+    let response = outer
+        .layer(inner.layer(recorder.clone()))
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    // Three attempts from the outer layer, not nine.
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let attempts: Vec<u32> = recorder.calls().iter().map(|call| call.0).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn on_retry_sees_each_retry() {
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&events);
+    let policy = RetryPolicy::builder()
+        .backoff(Backoff::constant(Duration::from_millis(20)))
+        .on_retry(move |event| seen.lock().unwrap().push(*event))
+        .build()
+        .unwrap();
+
+    RetryLayer::new(policy)
+        .layer(Recorder::new(2))
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    let events = events.lock().unwrap();
+    assert_eq!(events.len(), 2);
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event.attempt, index as u32 + 1);
+        assert_eq!(
+            event.reason,
+            tower_safe_retry::classify::RetryReason::ServerError
+        );
+        assert_eq!(event.delay, Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn per_request_override_changes_attempts() {
+    use tower_safe_retry::retry::RetryOverride;
+
+    let retry = RetryLayer::new(no_delay().max_attempts(3).build().unwrap());
+    let cases = [
+        (Some(RetryOverride::disabled()), 1),
+        (Some(RetryOverride::max_attempts(0)), 1),
+        (Some(RetryOverride::max_attempts(5)), 5),
+        (None, 3),
+    ];
+    for (setting, expected) in cases {
+        let recorder = Recorder::new(u32::MAX);
+        let mut request = Request::get("/").body(()).unwrap();
+        if let Some(setting) = setting {
+            request.extensions_mut().insert(setting);
+        }
+        retry
+            .layer(recorder.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        assert_eq!(recorder.calls().len(), expected, "{setting:?}");
+    }
+}

@@ -92,3 +92,38 @@ async fn logs_debug_per_retry_and_warn_on_failure() {
     ];
     assert_eq!(logged, expected);
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn nested_layer_warns_once() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let events = Events::default();
+    let subscriber = tracing_subscriber::registry().with(events.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = ScriptServer::start().await;
+    server.script("/down", [Step::status(503)]);
+    let inner = RetryLayer::new(no_delay_policy());
+    let outer = RetryLayer::new(no_delay_policy());
+    let client = outer.layer(inner.layer(client()));
+
+    for _ in 0..2 {
+        client
+            .clone()
+            .oneshot(request(Method::GET, &server.url("/down")))
+            .await
+            .unwrap();
+    }
+
+    let warnings: Vec<_> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, message)| message.contains("nested"))
+        .cloned()
+        .collect();
+    let expected = "a RetryLayer is nested inside another RetryLayer; only the outer one retries";
+    assert_eq!(warnings, [(tracing::Level::WARN, expected.to_owned())]);
+    assert_eq!(server.hits("/down").len(), 6);
+}

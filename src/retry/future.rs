@@ -10,51 +10,15 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
-use super::{AttemptTimeout, BackoffSource, DeadlineExceeded, Replay, RetryPolicy, SuppressReason};
+use super::attempt::{Attempt, Setup, calling_inner};
+use super::{
+    AttemptTimeout, BackoffSource, DeadlineExceeded, Replay, RetryEvent, RetryPolicy,
+    SuppressReason,
+};
 use crate::BoxError;
 use crate::classify::{Classify, Decision, RetryReason};
 use crate::idempotency::LogicalRequest;
 use crate::metrics::AttemptObserver;
-
-/// Facts about a logical request, gathered before its first attempt.
-pub(super) struct Setup {
-    idempotent: bool,
-    mark: Option<LogicalRequest>,
-    observer: Option<AttemptObserver>,
-}
-
-impl Setup {
-    /// Inspects and marks `request`, and deposits its share in the budget.
-    pub(super) fn new<Req, C, R: Replay<Req>>(
-        policy: &RetryPolicy<C, R>,
-        request: &mut Req,
-    ) -> Self {
-        let idempotent = policy.replay.is_idempotent(request);
-        let retries_allowed = policy.max_attempts > 1;
-        if let Some(budget) = &policy.budget {
-            budget.deposit();
-        }
-
-        let mut observer = None;
-        let mut mark = None;
-        if let Some(extensions) = policy.replay.extensions_mut(request) {
-            observer = extensions.get::<AttemptObserver>().cloned();
-            // The mark lets an `IdempotencyKeyLayer` below this layer give every attempt
-            // the same key, and shows this layer that the request got one.
-            if retries_allowed && !idempotent {
-                let logical = LogicalRequest::new();
-                extensions.insert(logical.clone());
-                mark = Some(logical);
-            }
-        }
-
-        Setup {
-            idempotent,
-            mark,
-            observer,
-        }
-    }
-}
 
 pin_project! {
     /// The response future of [`Retry`](super::Retry).
@@ -81,6 +45,7 @@ pin_project! {
         // The outcome of the previous attempt, returned if no further attempt is made.
         last: Option<Result<S::Response, BoxError>>,
         attempts: u32,
+        max_attempts: u32,
         idempotent: bool,
         mark: Option<LogicalRequest>,
         deadline: Option<Instant>,
@@ -130,6 +95,7 @@ where
             next: None,
             last: None,
             attempts: 1,
+            max_attempts: setup.max_attempts,
             idempotent: setup.idempotent,
             mark: setup.mark,
             deadline,
@@ -233,6 +199,7 @@ where
                         decision,
                         this.policy,
                         *this.attempts,
+                        *this.max_attempts,
                         idempotent,
                         this.source.as_ref(),
                         *this.deadline,
@@ -248,12 +215,17 @@ where
                     };
                     *this.next = Some(next);
 
-                    tracing::debug!(
-                        attempt = *this.attempts,
-                        reason = decision.reason().map_or("none", |r| r.as_str()),
-                        ?delay,
-                        "retrying request"
-                    );
+                    let reason = decision.reason().map_or("none", |reason| reason.as_str());
+                    tracing::debug!(attempt = *this.attempts, reason, ?delay, "retrying request");
+                    if let (Some(on_retry), Some(reason)) =
+                        (&this.policy.on_retry, decision.reason())
+                    {
+                        on_retry(&RetryEvent {
+                            attempt: *this.attempts,
+                            reason,
+                            delay,
+                        });
+                    }
                     if let Some(observer) = this.observer {
                         observer.backoff(delay, source);
                     }
@@ -297,11 +269,17 @@ where
                         }
                     }
 
-                    let request = this
+                    let mut request = this
                         .next
                         .take()
                         .expect("the ready state is only entered with a planned attempt");
                     *this.attempts += 1;
+                    this.policy.stamp(&mut request, *this.attempts);
+                    if let Some(extensions) =
+                        this.policy.replay.attempt_extensions_mut(&mut request)
+                    {
+                        extensions.insert(Attempt::new(*this.attempts));
+                    }
 
                     let now = (this.deadline.is_some()
                         || this.policy.attempt_timeout.is_some()
@@ -314,7 +292,7 @@ where
                         arm(this.timer.as_mut(), this.timer_armed, end);
                     }
 
-                    let future = this.service.call(request);
+                    let future = calling_inner(|| this.service.call(request));
                     this.state.set(State::Called { future });
                 }
                 StateProj::Done => panic!("retry ResponseFuture polled after completion"),
@@ -339,6 +317,7 @@ fn plan_retry<Req, C, R: Replay<Req>>(
     decision: Decision,
     policy: &RetryPolicy<C, R>,
     attempts: u32,
+    max_attempts: u32,
     idempotent: bool,
     source: Option<&R::Source>,
     deadline: Option<Instant>,
@@ -352,7 +331,7 @@ fn plan_retry<Req, C, R: Replay<Req>>(
     if !idempotent && !reason.proves_not_processed() {
         return Err(Some(SuppressReason::NotIdempotent));
     }
-    if attempts >= policy.max_attempts {
+    if attempts >= max_attempts {
         return Err(Some(SuppressReason::MaxAttempts));
     }
     if after.is_some_and(|after| after > policy.max_retry_after) {

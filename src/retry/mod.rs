@@ -56,7 +56,8 @@
 //! | case | [`SuppressReason`] |
 //! |---|---|
 //! | the request is not idempotent (a `POST` or `PATCH` without `Idempotency-Key`) and the failure does not prove it was never processed (anything but a connect error, `429` or `409` with `Retry-After`) | `not_idempotent` |
-//! | `max_attempts` attempts were made | `max_attempts` |
+//! | `max_attempts` attempts were made (the policy's, or a [`RetryOverride`] in the request's extensions) | `max_attempts` |
+//! | this layer runs inside another retry layer, which does the retrying (logged once at WARN) | `max_attempts` |
 //! | the request could not be copied for another attempt | `not_replayable` |
 //! | the server asked for a delay (`Retry-After`) above `max_retry_after` | `retry_after` |
 //! | the next attempt would start after the deadline | `deadline` |
@@ -71,6 +72,7 @@
 //! [`Decision::Fail`]: crate::classify::Decision::Fail
 //! [`Decision::Retry`]: crate::classify::Decision::Retry
 
+mod attempt;
 mod error;
 mod future;
 mod layer;
@@ -86,10 +88,13 @@ use tower_service::Service;
 use crate::BoxError;
 use crate::classify::{Classify, HttpClassifier};
 
+use self::attempt::{Setup, calling_inner};
+
+pub use self::attempt::{Attempt, RetryOverride};
 pub use self::error::{AttemptTimeout, DeadlineExceeded, InvalidPolicy};
 pub use self::future::ResponseFuture;
 pub use self::layer::RetryLayer;
-pub use self::policy::{RetryPolicy, RetryPolicyBuilder};
+pub use self::policy::{RetryEvent, RetryPolicy, RetryPolicyBuilder};
 pub use self::replay::{BodyReplay, BodySource, CloneReplay, HttpReplay, Replay};
 
 /// Retries requests to the inner service by a [`RetryPolicy`].
@@ -167,10 +172,11 @@ where
     }
 
     fn call(&mut self, mut request: Req) -> Self::Future {
-        let setup = future::Setup::new(&self.policy, &mut request);
-        let keep = self.policy.max_attempts > 1;
-        let (attempt, source) = self.policy.replay.first(request, keep);
-        let future = self.inner.call(attempt);
+        let setup = Setup::new(&self.policy, &mut request);
+        let keep = setup.max_attempts > 1;
+        let (mut attempt, source) = self.policy.replay.first(request, keep);
+        self.policy.stamp(&mut attempt, 1);
+        let future = calling_inner(|| self.inner.call(attempt));
         let service = self.inner.clone();
         ResponseFuture::new(future, service, Arc::clone(&self.policy), setup, source)
     }

@@ -1,14 +1,16 @@
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fastrand::Rng;
+use http::{HeaderName, HeaderValue};
 
 use super::error::InvalidPolicy;
-use super::replay::HttpReplay;
+use super::replay::{HttpReplay, Replay};
 use crate::backoff::Backoff;
 use crate::budget::RetryBudget;
-use crate::classify::HttpClassifier;
+use crate::classify::{HttpClassifier, RetryReason};
 
 /// What to retry, how often and how long to wait: a validated set of values shared by
 /// every request that goes through one [`RetryLayer`](super::RetryLayer).
@@ -23,6 +25,8 @@ use crate::classify::HttpClassifier;
 /// | `attempt_timeout` | none |
 /// | `max_retry_after` | 30 s |
 /// | `budget` | none |
+/// | `attempt_header` | none |
+/// | `on_retry` | none |
 /// | `seed` | none (a random seed per request) |
 ///
 /// ```
@@ -49,9 +53,27 @@ pub struct RetryPolicy<C = HttpClassifier, R = HttpReplay> {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) max_retry_after: Duration,
     pub(crate) budget: Option<RetryBudget>,
+    pub(crate) on_retry: Option<OnRetry>,
+    attempt_header: Option<HeaderName>,
     seed: Option<u64>,
     /// Requests that have drawn a random source from a seeded policy.
     seeded_requests: AtomicU64,
+}
+
+/// A callback run before each retry.
+pub(crate) type OnRetry = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
+
+/// A retry about to happen, passed to the [`on_retry`](RetryPolicyBuilder::on_retry)
+/// callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryEvent {
+    /// The number of the attempt that failed, starting at 1.
+    pub attempt: u32,
+    /// The cause of the failure.
+    pub reason: RetryReason,
+    /// The delay before the next attempt.
+    pub delay: Duration,
 }
 
 impl RetryPolicy {
@@ -67,13 +89,17 @@ impl RetryPolicy {
         RetryPolicyBuilder {
             classifier: HttpClassifier::new(),
             replay: HttpReplay::new(),
-            max_attempts: 3,
-            backoff: Backoff::exponential(Duration::from_millis(100), Duration::from_secs(20)),
-            deadline: None,
-            attempt_timeout: None,
-            max_retry_after: Duration::from_secs(30),
-            budget: None,
-            seed: None,
+            settings: Settings {
+                max_attempts: 3,
+                backoff: Backoff::exponential(Duration::from_millis(100), Duration::from_secs(20)),
+                deadline: None,
+                attempt_timeout: None,
+                max_retry_after: Duration::from_secs(30),
+                budget: None,
+                on_retry: None,
+                attempt_header: None,
+                seed: None,
+            },
         }
     }
 }
@@ -95,6 +121,19 @@ impl<C, R> RetryPolicy<C, R> {
             None => Rng::new(),
         }
     }
+
+    /// Writes the attempt number into the attempt's header, when the policy names one.
+    pub(crate) fn stamp<Req>(&self, attempt: &mut R::Attempt, number: u32)
+    where
+        R: Replay<Req>,
+    {
+        let Some(name) = &self.attempt_header else {
+            return;
+        };
+        if let Some(headers) = self.replay.attempt_headers_mut(attempt) {
+            headers.insert(name.clone(), HeaderValue::from(number));
+        }
+    }
 }
 
 impl<C, R> fmt::Debug for RetryPolicy<C, R> {
@@ -108,23 +147,33 @@ impl<C, R> fmt::Debug for RetryPolicy<C, R> {
             .field("attempt_timeout", &self.attempt_timeout)
             .field("max_retry_after", &self.max_retry_after)
             .field("budget", &self.budget)
+            .field("on_retry", &self.on_retry.is_some())
+            .field("attempt_header", &self.attempt_header)
             .field("seed", &self.seed)
             .finish()
     }
 }
 
 /// Builds a [`RetryPolicy`], checking every value in [`build`](Self::build).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct RetryPolicyBuilder<C = HttpClassifier, R = HttpReplay> {
     classifier: C,
     replay: R,
+    settings: Settings,
+}
+
+/// The builder's values that do not depend on its type parameters.
+#[derive(Clone)]
+struct Settings {
     max_attempts: u32,
     backoff: Backoff,
     deadline: Option<Duration>,
     attempt_timeout: Option<Duration>,
     max_retry_after: Duration,
     budget: Option<RetryBudget>,
+    on_retry: Option<OnRetry>,
+    attempt_header: Option<HeaderName>,
     seed: Option<u64>,
 }
 
@@ -134,75 +183,80 @@ impl<C, R> RetryPolicyBuilder<C, R> {
         RetryPolicyBuilder {
             classifier,
             replay: self.replay,
-            max_attempts: self.max_attempts,
-            backoff: self.backoff,
-            deadline: self.deadline,
-            attempt_timeout: self.attempt_timeout,
-            max_retry_after: self.max_retry_after,
-            budget: self.budget,
-            seed: self.seed,
+            settings: self.settings,
         }
     }
 
-    /// Sets how requests are copied and which are idempotent; use
-    /// [`CloneReplay`](super::CloneReplay) for request types other than `http::Request`.
+    /// Sets how requests become attempts and which are idempotent: [`BodyReplay`] for
+    /// streaming bodies, [`CloneReplay`] for request types other than `http::Request`.
+    ///
+    /// [`BodyReplay`]: super::BodyReplay
+    /// [`CloneReplay`]: super::CloneReplay
     pub fn replay<R2>(self, replay: R2) -> RetryPolicyBuilder<C, R2> {
         RetryPolicyBuilder {
             classifier: self.classifier,
             replay,
-            max_attempts: self.max_attempts,
-            backoff: self.backoff,
-            deadline: self.deadline,
-            attempt_timeout: self.attempt_timeout,
-            max_retry_after: self.max_retry_after,
-            budget: self.budget,
-            seed: self.seed,
+            settings: self.settings,
         }
     }
 
     /// Sets the maximum number of attempts, the first one included (at least 1; 1 turns
     /// retries off).
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.max_attempts = max_attempts;
+        self.settings.max_attempts = max_attempts;
         self
     }
 
     /// Sets the delay schedule between attempts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.settings.backoff = backoff;
         self
     }
 
     /// Sets the overall deadline of a logical request, backoff sleeps included.
     pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = Some(deadline);
+        self.settings.deadline = Some(deadline);
         self
     }
 
     /// Sets the timeout of each attempt. An attempt that times out is classified as
-    /// [`RetryReason::Timeout`](crate::classify::RetryReason::Timeout).
+    /// [`RetryReason::Timeout`].
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.attempt_timeout = Some(timeout);
+        self.settings.attempt_timeout = Some(timeout);
         self
     }
 
-    /// Sets the longest server-given delay (`Retry-After`) the layer waits for. A longer
-    /// one ends the retries at once and returns that response.
+    /// Sets the longest server-given delay (`Retry-After`, `grpc-retry-pushback-ms`) the
+    /// layer waits for. A longer one ends the retries at once and returns that response.
     pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
+        self.settings.max_retry_after = max;
         self
     }
 
     /// Limits retries to a share of requests. Clones of one [`RetryBudget`] share their
     /// balance, so policies that call the same upstream can share one budget.
     pub fn budget(mut self, budget: RetryBudget) -> Self {
-        self.budget = Some(budget);
+        self.settings.budget = Some(budget);
+        self
+    }
+
+    /// Runs `callback` before each retry, with the failed attempt's number, the reason
+    /// and the delay. The callback runs inside the request's future, so it must be quick.
+    pub fn on_retry(mut self, callback: impl Fn(&RetryEvent) + Send + Sync + 'static) -> Self {
+        self.settings.on_retry = Some(Arc::new(callback));
+        self
+    }
+
+    /// Sends the attempt number (1 for the first attempt) in the header `name` of every
+    /// attempt, for servers and proxies that log or limit retries.
+    pub fn attempt_header(mut self, name: HeaderName) -> Self {
+        self.settings.attempt_header = Some(name);
         self
     }
 
     /// Seeds the random source of the jitter, so that runs repeat exactly.
     pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
+        self.settings.seed = Some(seed);
         self
     }
 
@@ -214,43 +268,64 @@ impl<C, R> RetryPolicyBuilder<C, R> {
     /// backoff base is above its cap or its factor is below 1, or the deadline or the
     /// per-attempt timeout is zero.
     pub fn build(self) -> Result<RetryPolicy<C, R>, InvalidPolicy> {
-        let invalid = |message: String| Err(InvalidPolicy { message });
+        let settings = self.settings;
+        let invalid = |message: &str| {
+            Err(InvalidPolicy {
+                message: message.to_owned(),
+            })
+        };
 
-        if self.max_attempts == 0 {
+        if settings.max_attempts == 0 {
             return invalid(
                 "max_attempts is 0; it counts the first attempt, so use at least 1 (1 turns \
-                 retries off)"
-                    .to_owned(),
+                 retries off)",
             );
         }
-        if let Err(message) = self.backoff.validate() {
-            return invalid(message);
+        if let Err(message) = settings.backoff.validate() {
+            return Err(InvalidPolicy { message });
         }
-        if self.deadline == Some(Duration::ZERO) {
+        if settings.deadline == Some(Duration::ZERO) {
             return invalid(
-                "deadline is 0s, which fails every request; use a positive deadline or none"
-                    .to_owned(),
+                "deadline is 0s, which fails every request; use a positive deadline or none",
             );
         }
-        if self.attempt_timeout == Some(Duration::ZERO) {
+        if settings.attempt_timeout == Some(Duration::ZERO) {
             return invalid(
                 "attempt_timeout is 0s, which fails every attempt; use a positive timeout or \
-                 none"
-                    .to_owned(),
+                 none",
             );
         }
 
         Ok(RetryPolicy {
             classifier: self.classifier,
             replay: self.replay,
-            max_attempts: self.max_attempts,
-            backoff: self.backoff,
-            deadline: self.deadline,
-            attempt_timeout: self.attempt_timeout,
-            max_retry_after: self.max_retry_after,
-            budget: self.budget,
-            seed: self.seed,
+            max_attempts: settings.max_attempts,
+            backoff: settings.backoff,
+            deadline: settings.deadline,
+            attempt_timeout: settings.attempt_timeout,
+            max_retry_after: settings.max_retry_after,
+            budget: settings.budget,
+            on_retry: settings.on_retry,
+            attempt_header: settings.attempt_header,
+            seed: settings.seed,
             seeded_requests: AtomicU64::new(0),
         })
+    }
+}
+
+impl<C: fmt::Debug, R: fmt::Debug> fmt::Debug for RetryPolicyBuilder<C, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicyBuilder")
+            .field("classifier", &self.classifier)
+            .field("replay", &self.replay)
+            .field("max_attempts", &self.settings.max_attempts)
+            .field("backoff", &self.settings.backoff)
+            .field("deadline", &self.settings.deadline)
+            .field("attempt_timeout", &self.settings.attempt_timeout)
+            .field("max_retry_after", &self.settings.max_retry_after)
+            .field("budget", &self.settings.budget)
+            .field("attempt_header", &self.settings.attempt_header)
+            .field("seed", &self.settings.seed)
+            .finish_non_exhaustive()
     }
 }

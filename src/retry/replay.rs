@@ -1,4 +1,4 @@
-use http::{Method, Request};
+use http::{HeaderMap, Method, Request};
 use http_body::Body;
 
 use super::SuppressReason;
@@ -44,6 +44,24 @@ pub trait Replay<Req> {
         let _ = request;
         None
     }
+
+    /// The attempt's extensions, where the layer records the [`Attempt`](super::Attempt)
+    /// number. `None` when the attempt type has none.
+    fn attempt_extensions_mut<'a>(
+        &self,
+        attempt: &'a mut Self::Attempt,
+    ) -> Option<&'a mut http::Extensions> {
+        let _ = attempt;
+        None
+    }
+
+    /// The attempt's headers, where the layer writes the attempt number when the policy
+    /// names an [`attempt_header`](super::RetryPolicyBuilder::attempt_header). `None` when
+    /// the attempt type has none.
+    fn attempt_headers_mut<'a>(&self, attempt: &'a mut Self::Attempt) -> Option<&'a mut HeaderMap> {
+        let _ = attempt;
+        None
+    }
 }
 
 /// Replays `http::Request<B>` whose body is `Clone` (`Full<Bytes>`, `String`, `Vec<u8>`,
@@ -84,6 +102,17 @@ impl<B: Clone> Replay<Request<B>> for HttpReplay {
 
     fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
         Some(request.extensions_mut())
+    }
+
+    fn attempt_extensions_mut<'a>(
+        &self,
+        attempt: &'a mut Self::Attempt,
+    ) -> Option<&'a mut http::Extensions> {
+        Some(attempt.extensions_mut())
+    }
+
+    fn attempt_headers_mut<'a>(&self, attempt: &'a mut Self::Attempt) -> Option<&'a mut HeaderMap> {
+        Some(attempt.headers_mut())
     }
 }
 
@@ -182,6 +211,17 @@ where
 
     fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
         Some(request.extensions_mut())
+    }
+
+    fn attempt_extensions_mut<'a>(
+        &self,
+        attempt: &'a mut Self::Attempt,
+    ) -> Option<&'a mut http::Extensions> {
+        Some(attempt.extensions_mut())
+    }
+
+    fn attempt_headers_mut<'a>(&self, attempt: &'a mut Self::Attempt) -> Option<&'a mut HeaderMap> {
+        Some(attempt.headers_mut())
     }
 }
 
