@@ -807,3 +807,60 @@ async fn per_request_override_changes_attempts() {
         assert_eq!(recorder.calls().len(), expected, "{setting:?}");
     }
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn grpc_pushback_sets_the_delay() {
+    use tower_safe_retry::classify::GrpcClassifier;
+    use tower_safe_retry::retry::HttpReplay;
+
+    let server = ScriptServer::start().await;
+    let unavailable = || {
+        Step::status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+    };
+    server.script(
+        "/pushback",
+        [
+            unavailable().header("grpc-retry-pushback-ms", "250"),
+            Step::status(200).header("grpc-status", "0"),
+        ],
+    );
+    server.script(
+        "/stop",
+        [unavailable().header("grpc-retry-pushback-ms", "-1")],
+    );
+    server.script("/plain", [unavailable()]);
+    let policy = RetryPolicy::builder()
+        .classifier(GrpcClassifier::new())
+        .replay(HttpReplay::new().all_idempotent())
+        .backoff(Backoff::constant(Duration::from_millis(10)))
+        .build()
+        .unwrap();
+    let retry = RetryLayer::new(policy);
+
+    let started = Instant::now();
+    let response = retry
+        .layer(client())
+        .oneshot(request(Method::POST, &server.url("/pushback")))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "0");
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(server.hits("/pushback").len(), 2);
+
+    let response = retry
+        .layer(client())
+        .oneshot(request(Method::POST, &server.url("/stop")))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "14");
+    assert_eq!(server.hits("/stop").len(), 1);
+
+    retry
+        .layer(client())
+        .oneshot(request(Method::POST, &server.url("/plain")))
+        .await
+        .unwrap();
+    assert_eq!(server.hits("/plain").len(), 3);
+}

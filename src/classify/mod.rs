@@ -26,6 +26,7 @@
 //! [`RetryReason::proves_not_processed`]). It also declines it when the attempts or the
 //! deadline run out, or when the request cannot be copied.
 
+mod grpc;
 mod http;
 
 use std::fmt;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use crate::BoxError;
 
+pub use self::grpc::GrpcClassifier;
 pub use self::http::HttpClassifier;
 
 /// Classifies the outcome of one attempt.
@@ -126,6 +128,8 @@ pub enum RetryReason {
     Reset,
     /// A body failed to send or arrive.
     Body,
+    /// A gRPC status other than `OK`.
+    Grpc,
     /// An error the classifier could not place.
     Unknown,
 }
@@ -143,6 +147,7 @@ impl RetryReason {
             RetryReason::Timeout => "timeout",
             RetryReason::Reset => "reset",
             RetryReason::Body => "body",
+            RetryReason::Grpc => "grpc",
             RetryReason::Unknown => "unknown",
         }
     }

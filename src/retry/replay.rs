@@ -73,13 +73,22 @@ pub trait Replay<Req> {
 /// `Idempotency-Key` header. For bodies that are not `Clone`, use [`BodyReplay`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HttpReplay {
-    _private: (),
+    all_idempotent: bool,
 }
 
 impl HttpReplay {
     /// Creates the HTTP replay.
     pub const fn new() -> Self {
-        HttpReplay { _private: () }
+        HttpReplay {
+            all_idempotent: false,
+        }
+    }
+
+    /// Treats every request as idempotent, whatever its method: for services whose `POST`
+    /// endpoints are safe to repeat, such as gRPC methods that only read.
+    pub const fn all_idempotent(mut self) -> Self {
+        self.all_idempotent = true;
+        self
     }
 }
 
@@ -97,7 +106,7 @@ impl<B: Clone> Replay<Request<B>> for HttpReplay {
     }
 
     fn is_idempotent(&self, request: &Request<B>) -> bool {
-        is_idempotent_request(request)
+        self.all_idempotent || is_idempotent_request(request)
     }
 
     fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
@@ -131,12 +140,23 @@ impl<B: Clone> Replay<Request<B>> for HttpReplay {
 #[derive(Clone, Copy, Debug)]
 pub struct BodyReplay {
     cap: usize,
+    all_idempotent: bool,
 }
 
 impl BodyReplay {
     /// Keeps up to 64 KiB of each request body.
     pub const fn new() -> Self {
-        BodyReplay { cap: 64 * 1024 }
+        BodyReplay {
+            cap: 64 * 1024,
+            all_idempotent: false,
+        }
+    }
+
+    /// Treats every request as idempotent, whatever its method; see
+    /// [`HttpReplay::all_idempotent`].
+    pub const fn all_idempotent(mut self) -> Self {
+        self.all_idempotent = true;
+        self
     }
 
     /// Sets the most bytes of a body kept for later attempts.
@@ -206,7 +226,7 @@ where
     }
 
     fn is_idempotent(&self, request: &Request<B>) -> bool {
-        is_idempotent_request(request)
+        self.all_idempotent || is_idempotent_request(request)
     }
 
     fn extensions_mut<'a>(&self, request: &'a mut Request<B>) -> Option<&'a mut http::Extensions> {
