@@ -104,6 +104,17 @@ impl<B> Classify<http::Response<B>> for HttpClassifier {
     }
 }
 
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+impl Classify<reqwest::Response> for HttpClassifier {
+    fn classify(&self, outcome: Result<&reqwest::Response, &BoxError>) -> Decision {
+        match outcome {
+            Ok(response) => self.classify_status(response.status(), response.headers()),
+            Err(error) => self.classify_error(&**error),
+        }
+    }
+}
+
 /// Places one link of an error chain, or returns `None` to look at its source.
 fn reason_of(error: &(dyn Error + 'static)) -> Option<RetryReason> {
     if error.is::<AttemptTimeout>()
@@ -111,6 +122,18 @@ fn reason_of(error: &(dyn Error + 'static)) -> Option<RetryReason> {
         || error.is::<tower::timeout::error::Elapsed>()
     {
         return Some(RetryReason::Timeout);
+    }
+
+    #[cfg(feature = "reqwest")]
+    if let Some(error) = error.downcast_ref::<reqwest::Error>() {
+        if error.is_connect() {
+            return Some(RetryReason::Connect);
+        }
+        if error.is_timeout() {
+            return Some(RetryReason::Timeout);
+        }
+        // Otherwise the source chain (hyper's error, an `io::Error`) tells more.
+        return None;
     }
 
     if let Some(error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {

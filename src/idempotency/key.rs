@@ -165,6 +165,31 @@ where
     }
 }
 
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+impl<S> Service<reqwest::Request> for IdempotencyKey<S>
+where
+    S: Service<reqwest::Request>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: reqwest::Request) -> Self::Future {
+        let needs_key = self.methods.contains(request.method())
+            && !request.headers().contains_key(IDEMPOTENCY_KEY);
+        if needs_key {
+            let key = self.generator.generate();
+            request.headers_mut().insert(IDEMPOTENCY_KEY, key);
+        }
+        self.inner.call(request)
+    }
+}
+
 /// Makes idempotency keys.
 #[derive(Clone)]
 pub struct KeyGenerator {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
+use http::{HeaderMap, Response, StatusCode};
 use metrics::{SharedString, counter, histogram};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -46,9 +46,37 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, ResB, E> Future for ResponseFuture<F>
+/// The parts of a response the metrics layer classifies.
+pub(super) trait ResponseHead {
+    fn status(&self) -> StatusCode;
+    fn headers(&self) -> &HeaderMap;
+}
+
+impl<B> ResponseHead for Response<B> {
+    fn status(&self) -> StatusCode {
+        Response::status(self)
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        Response::headers(self)
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl ResponseHead for reqwest::Response {
+    fn status(&self) -> StatusCode {
+        reqwest::Response::status(self)
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        reqwest::Response::headers(self)
+    }
+}
+
+impl<F, Res, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<ResB>, E>>,
+    F: Future<Output = Result<Res, E>>,
+    Res: ResponseHead,
     E: 'static,
 {
     type Output = F::Output;
@@ -66,7 +94,7 @@ where
 impl RequestMetrics {
     /// Records the metrics of the finished logical request, and its single attempt when
     /// no retry layer below reported any.
-    fn record<ResB, E: 'static>(self, outcome: &Result<Response<ResB>, E>) {
+    fn record<Res: ResponseHead, E: 'static>(self, outcome: &Result<Res, E>) {
         let duration = self.started.elapsed();
         let classifier = HttpClassifier::new();
         let decision = match outcome {

@@ -161,12 +161,45 @@ where
         request.extensions_mut().insert(observer.clone());
 
         let metrics = future::RequestMetrics {
-            observer,
+            observer: observer.clone(),
             operation: self.operation.clone(),
             method: method_label(request.method()),
             started: Instant::now(),
         };
-        ResponseFuture::new(self.inner.call(request), metrics)
+        let future = observer.observe(|| self.inner.call(request));
+        ResponseFuture::new(future, metrics)
+    }
+}
+
+/// For `reqwest::Client`. A `reqwest::Request` has no public extensions, so a retry layer
+/// below finds the observer only when its `call` runs inside this layer's `call`, as in a
+/// plain `ServiceBuilder` stack; behind a `Buffer` the attempts are not reported, and
+/// each logical request counts as one attempt.
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+impl<S> Service<reqwest::Request> for RetryMetrics<S>
+where
+    S: Service<reqwest::Request, Response = reqwest::Response>,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: reqwest::Request) -> Self::Future {
+        let observer = AttemptObserver::new(self.operation.clone());
+        let metrics = future::RequestMetrics {
+            observer: observer.clone(),
+            operation: self.operation.clone(),
+            method: method_label(request.method()),
+            started: Instant::now(),
+        };
+        let future = observer.observe(|| self.inner.call(request));
+        ResponseFuture::new(future, metrics)
     }
 }
 

@@ -1,3 +1,4 @@
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -24,7 +25,27 @@ struct State {
     attempts: AtomicU32,
 }
 
+thread_local! {
+    /// The observer of the logical request whose inner `call` is running on this thread.
+    static CURRENT: RefCell<Option<AttemptObserver>> = const { RefCell::new(None) };
+}
+
 impl AttemptObserver {
+    /// Runs `call` with `self` as the current observer, for request types without
+    /// extensions: a retry layer whose `call` runs inside picks it up with
+    /// [`current`](Self::current).
+    pub(crate) fn observe<T>(&self, call: impl FnOnce() -> T) -> T {
+        let outer = CURRENT.replace(Some(self.clone()));
+        let result = call();
+        CURRENT.set(outer);
+        result
+    }
+
+    /// The observer of the metrics layer whose `call` is running, if any.
+    pub(crate) fn current() -> Option<AttemptObserver> {
+        CURRENT.with_borrow(Clone::clone)
+    }
+
     pub(crate) fn new(operation: SharedString) -> Self {
         AttemptObserver {
             state: Arc::new(State {

@@ -116,6 +116,9 @@ impl Setup {
             }
         }
 
+        if observer.is_none() {
+            observer = AttemptObserver::current();
+        }
         if nested {
             warn_nested_once();
             max_attempts = 1;

@@ -282,6 +282,48 @@ pub(crate) fn is_idempotent_method(method: &Method) -> bool {
     )
 }
 
+/// Replays `reqwest::Request` with [`try_clone`](reqwest::Request::try_clone), with the
+/// method safety of `http::Request`. A request whose body cannot be cloned (a stream) is
+/// sent once, and a retry is declined with [`SuppressReason::NotReplayable`].
+///
+/// A `reqwest::Request` has no public extensions, so the attempt number, per-request
+/// overrides, metrics and the key mark of an [`IdempotencyKeyLayer`] below the retry
+/// layer are not available: put the key layer above the retry layer.
+///
+/// [`IdempotencyKeyLayer`]: crate::IdempotencyKeyLayer
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+impl Replay<reqwest::Request> for HttpReplay {
+    type Attempt = reqwest::Request;
+    type Source = reqwest::Request;
+
+    fn first(
+        &self,
+        request: reqwest::Request,
+        keep: bool,
+    ) -> (reqwest::Request, Option<reqwest::Request>) {
+        let copy = if keep { request.try_clone() } else { None };
+        (request, copy)
+    }
+
+    fn next(&self, source: &reqwest::Request) -> Result<reqwest::Request, SuppressReason> {
+        source.try_clone().ok_or(SuppressReason::NotReplayable)
+    }
+
+    fn is_idempotent(&self, request: &reqwest::Request) -> bool {
+        self.all_idempotent
+            || is_idempotent_method(request.method())
+            || request.headers().contains_key(IDEMPOTENCY_KEY)
+    }
+
+    fn attempt_headers_mut<'a>(
+        &self,
+        attempt: &'a mut reqwest::Request,
+    ) -> Option<&'a mut HeaderMap> {
+        Some(attempt.headers_mut())
+    }
+}
+
 /// Replays any `Req: Clone` by cloning it, and treats every request as idempotent: the
 /// classifier alone decides what is retried.
 ///
