@@ -137,3 +137,54 @@ async fn retries_resume_after_recovery() {
     let calls = send(&upstream, &retry, Duration::from_millis(1)).await;
     assert_eq!(calls, 5);
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn spent_budget_is_counted_as_suppressed() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tower::ServiceBuilder;
+    use tower_safe_retry::RetryMetricsLayer;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let budget = RetryBudget::builder()
+        .ratio(0.0)
+        .min_per_second(2)
+        .build()
+        .unwrap();
+    let upstream = Upstream::default();
+    upstream.down.store(true, Ordering::SeqCst);
+    let retry = layer(Some(budget));
+
+    let service = service_fn({
+        let upstream = upstream.clone();
+        move |_: Request<()>| {
+            upstream.calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(());
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        }
+    });
+    ServiceBuilder::new()
+        .layer(RetryMetricsLayer::new("storm"))
+        .layer(retry)
+        .service(service)
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    // Two retries from the floor, then the budget declines the third.
+    assert_eq!(upstream.calls(), 3);
+    let budget_suppressed: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "retry_suppressed_total")
+        .filter(|(key, ..)| key.key().labels().any(|label| label.value() == "budget"))
+        .map(|(.., value)| match value {
+            DebugValue::Counter(count) => count,
+            other => panic!("not a counter: {other:?}"),
+        })
+        .sum();
+    assert_eq!(budget_suppressed, 1);
+}

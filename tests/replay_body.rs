@@ -170,3 +170,56 @@ async fn body_at_cap_is_replayed() {
     assert_eq!(hits.len(), 2);
     assert_eq!(hits[1].body, expected_bytes(4, 100));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn body_over_cap_is_counted_as_suppressed() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tower::ServiceBuilder;
+    use tower_safe_retry::RetryMetricsLayer;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let server = ScriptServer::start().await;
+    server.script("/upload", [Step::status(503)]);
+
+    let mut request = put(&server.url("/upload"), chunked(4, 100, None));
+    request
+        .headers_mut()
+        .insert("content-length", HeaderValue::from_static("400"));
+    ServiceBuilder::new()
+        .layer(RetryMetricsLayer::new("upload"))
+        .layer(retry_layer(100))
+        .service(client())
+        .oneshot(request)
+        .await
+        .unwrap();
+    ServiceBuilder::new()
+        .layer(RetryMetricsLayer::new("upload"))
+        .layer(retry_layer(100))
+        .service(client())
+        .oneshot(put(&server.url("/upload"), chunked(4, 100, None)))
+        .await
+        .unwrap();
+
+    let suppressed: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "retry_suppressed_total")
+        .map(|(key, _, _, value)| {
+            let reason = key
+                .key()
+                .labels()
+                .find(|label| label.key() == "reason")
+                .map(|label| label.value().to_owned())
+                .unwrap();
+            let DebugValue::Counter(count) = value else {
+                panic!("not a counter")
+            };
+            (reason, count)
+        })
+        .collect();
+    assert_eq!(suppressed, [("body_too_large".to_owned(), 2)]);
+    assert_eq!(server.hits("/upload").len(), 2);
+}
