@@ -28,7 +28,7 @@ const TOKEN: i64 = 1_000_000;
 /// Limits retries to a fraction of logical requests, with a floor for low traffic.
 ///
 /// Every logical request deposits `ratio` tokens (default 0.2) and every retry withdraws
-/// one. The balance holds at most `reserve` tokens (by default what the floor allows over
+/// one. The balance contains at most `reserve` tokens (by default what the floor allows over
 /// one window: 10 per second × 10 s = 100), so a long healthy spell cannot fund a retry
 /// storm. When the balance is empty, up to `min_per_second` retries per second are still
 /// allowed, so a service with little traffic can retry at all.
@@ -76,7 +76,7 @@ impl RetryBudget {
         }
     }
 
-    /// The most tokens the balance can hold.
+    /// The maximum tokens the balance can contain.
     pub fn reserve_cap(&self) -> f64 {
         self.shared.cap as f64 / TOKEN as f64
     }
@@ -180,7 +180,7 @@ impl RetryBudgetBuilder {
         self
     }
 
-    /// Sets the most tokens the balance holds, in place of `min_per_second × window`.
+    /// Sets the most tokens the balance contains, in place of `min_per_second × window`.
     /// A reserve below one token is raised to one, so that deposits can add up to a retry.
     pub fn reserve(mut self, tokens: f64) -> Self {
         self.reserve = Some(tokens);

@@ -21,7 +21,7 @@ use crate::BoxError;
 /// the cap is not kept at all.
 ///
 /// A replay sends the kept frames first. When the first attempt ended before reading the
-/// whole body (a server may answer before it has read the request), the replay reads the
+/// whole body (a server may respond before it has read the request), the replay reads the
 /// rest from the caller's body, keeping it too.
 pub struct ReplayBody<B> {
     kind: Kind<B>,
@@ -110,8 +110,8 @@ impl<B: Body> ReplayBody<B> {
             return None;
         };
         let state = lock(shared);
-        // The source is either finished or parked in `shared`; a copy that still holds
-        // it is sending it, and two copies cannot read one body.
+        // The source is either finished or parked in `shared`. A copy that still has it
+        // is sending it, and two copies cannot read one body.
         let available = state.ended || state.source.is_some();
         if state.unreplayable || !available {
             return None;
@@ -194,8 +194,8 @@ where
                                          attempt"
                 .into())));
         };
-        // Reading the source under the lock keeps the kept frames in order; only one copy
-        // reads at a time, so the lock is never contended here.
+        // Reading the source under the lock keeps the kept frames in order. Only one copy
+        // reads at a time, so only size and end-of-stream checks contend for the lock.
         let frame = match Pin::new(body).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(frame) => frame,
@@ -370,7 +370,7 @@ mod tests {
         let handle = first.handle();
         let chunk = first.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(chunk.len(), 3);
-        // The first attempt ended after one chunk, as when a server answers early.
+        // The first attempt ended after one chunk, as when a server responds early.
         drop(first);
 
         let replay = handle.replay().expect("the source is parked");
@@ -389,7 +389,7 @@ mod tests {
         let mut first = ReplayBody::kept(chunks(&[3, 4]), 100);
         let handle = first.handle();
         first.frame().await.unwrap().unwrap();
-        // `first` still holds the source and has not finished it.
+        // `first` still has the source and has not finished it.
         assert!(handle.replay().is_none());
         assert!(!handle.is_unreplayable());
     }

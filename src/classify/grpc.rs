@@ -21,7 +21,7 @@ const UNAVAILABLE: u8 = 14;
 /// | transport errors | as [`HttpClassifier`] |
 ///
 /// A retry honours `grpc-retry-pushback-ms` like `Retry-After`: the next attempt waits at
-/// least that long. A negative or malformed pushback means the server asks for no retry,
+/// least that long. A negative or malformed pushback means the server requests no retry,
 /// so the outcome fails, as gRPC's retry design specifies.
 ///
 /// NOTE: a status sent in trailers (after a response body) is not visible when the

@@ -1,4 +1,4 @@
-//! What the retry layer tells the layers around it about a logical request: the attempt
+//! What the retry layer passes to the layers around it about a logical request: the attempt
 //! number, per-request overrides, and whether another retry layer is already retrying.
 
 use std::cell::Cell;
@@ -50,7 +50,7 @@ pub struct RetryOverride {
 }
 
 impl RetryOverride {
-    /// Sends the request once, whatever the policy says.
+    /// Sends the request once, whatever the policy allows.
     pub const fn disabled() -> Self {
         RetryOverride { max_attempts: 1 }
     }
@@ -66,7 +66,7 @@ impl RetryOverride {
 
 thread_local! {
     /// Set while a retry layer calls its inner service, so that a retry layer below it
-    /// sees that it is nested.
+    /// detects that it is nested.
     static CALLING_INNER: Cell<bool> = const { Cell::new(false) };
 }
 

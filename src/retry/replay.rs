@@ -133,7 +133,7 @@ impl<B: Clone> Replay<Request<B>> for HttpReplay {
 /// A body whose `Content-Length` or size hint is over the cap is sent once and nothing of
 /// it is kept. A body that grows past the cap while it streams is sent in
 /// full by its first attempt and then cannot be sent again. In both cases a retry the
-/// classifier asks for is declined with [`SuppressReason::BodyTooLarge`].
+/// classifier requests is declined with [`SuppressReason::BodyTooLarge`].
 ///
 /// The body must be `Unpin` (box a body that is not: `Box::pin(body)`), because the
 /// caller's body moves between attempts when an attempt ends before reading all of it.
@@ -328,7 +328,7 @@ impl Replay<reqwest::Request> for HttpReplay {
 /// classifier alone decides what is retried.
 ///
 /// Such requests have no extensions, so a [`RetryMetricsLayer`](crate::RetryMetricsLayer)
-/// above sees one attempt per logical request: the per-attempt, backoff and suppressed
+/// above records one attempt per logical request: the per-attempt, backoff and suppressed
 /// metrics need `http::Request` and [`HttpReplay`] or [`BodyReplay`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CloneReplay {
