@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --release --example checkout -- [--orders N] [--fault-rate F] [--seed S]
-//!                                           [--concurrency C] [--json]
+//!                                           [--concurrency C] [--replicas R] [--json]
 //! ```
+//!
+//! With `--replicas R`, the provider runs R replicas behind a round-robin TCP proxy,
+//! sharing one idempotency store, as a service behind a load balancer does.
 //!
 //! Everything runs on 127.0.0.1 with ephemeral ports. The provider is an axum service
 //! behind `IdempotencyLayer` that keeps a ledger of charges. In front of it, a fault
@@ -60,6 +63,7 @@ struct Options {
     fault_rate: f64,
     seed: u64,
     concurrency: usize,
+    replicas: usize,
     json: bool,
 }
 
@@ -70,6 +74,7 @@ impl Options {
             fault_rate: 0.2,
             seed: 7,
             concurrency: 32,
+            replicas: 1,
             json: false,
         };
         let mut args = std::env::args().skip(1);
@@ -80,6 +85,7 @@ impl Options {
                 "--fault-rate" => options.fault_rate = parse_flag(&flag, &value()?)?,
                 "--seed" => options.seed = parse_flag(&flag, &value()?)?,
                 "--concurrency" => options.concurrency = parse_flag(&flag, &value()?)?,
+                "--replicas" => options.replicas = parse_flag(&flag, &value()?)?,
                 "--json" => options.json = true,
                 "--help" | "-h" => return Err(USAGE.to_owned()),
                 other => return Err(format!("unknown flag {other}\n{USAGE}")),
@@ -92,15 +98,15 @@ impl Options {
                 options.fault_rate
             ));
         }
-        if options.orders == 0 || options.concurrency == 0 {
-            return Err("--orders and --concurrency must be at least 1".to_owned());
+        if options.orders == 0 || options.concurrency == 0 || options.replicas == 0 {
+            return Err("--orders, --concurrency and --replicas must be at least 1".to_owned());
         }
         Ok(options)
     }
 }
 
 const USAGE: &str = "usage: checkout [--orders N (1000)] [--fault-rate F (0.2)] [--seed S (7)] \
-                     [--concurrency C (32)] [--json]";
+                     [--concurrency C (32)] [--replicas R (1)] [--json]";
 
 fn parse_flag<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
     value
@@ -194,11 +200,49 @@ async fn charge(
     (StatusCode::CREATED, Json(body))
 }
 
-/// Serves the provider on an ephemeral port, with the fault injector in front of it.
-async fn start_provider(provider: Arc<Provider>) -> SocketAddr {
+/// Serves `replicas` replicas of the provider, sharing one idempotency store, behind a
+/// round-robin proxy, and returns the address clients connect to.
+async fn start_provider(provider: Arc<Provider>, replicas: usize) -> SocketAddr {
+    let store = MemoryStore::new();
+    let mut backends = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        backends.push(start_replica(Arc::clone(&provider), store.clone()).await);
+    }
+    if replicas == 1 {
+        return backends[0];
+    }
+    start_proxy(backends).await
+}
+
+/// Forwards each connection to the next replica in turn.
+async fn start_proxy(backends: Vec<SocketAddr>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for turn in 0.. {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            let backend = backends[turn % backends.len()];
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Serves one replica on an ephemeral port, with the fault injector in front of it.
+async fn start_replica<St>(provider: Arc<Provider>, store: St) -> SocketAddr
+where
+    St: tower_safe_retry::IdempotencyStore,
+{
     let app = Router::new()
         .route("/charges", post(charge))
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(store))
         .with_state(Arc::clone(&provider));
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -386,7 +430,7 @@ async fn run(name: &'static str, options: &Options) -> RunResult {
         fault_rate: options.fault_rate,
         ..Provider::default()
     });
-    let addr = start_provider(Arc::clone(&provider)).await;
+    let addr = start_provider(Arc::clone(&provider), options.replicas).await;
     let client: HyperClient = Client::builder(TokioExecutor::new()).build_http();
     let checkout = match name {
         "no_retries" => no_retries(client),
@@ -494,8 +538,12 @@ async fn main() -> ExitCode {
 
     if !options.json {
         println!(
-            "checkout: {} orders, fault rate {}, seed {}, concurrency {}\n",
-            options.orders, options.fault_rate, options.seed, options.concurrency
+            "checkout: {} orders, fault rate {}, seed {}, concurrency {}, replicas {}\n",
+            options.orders,
+            options.fault_rate,
+            options.seed,
+            options.concurrency,
+            options.replicas
         );
     }
 
