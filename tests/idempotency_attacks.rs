@@ -1,0 +1,202 @@
+//! Hostile inputs and races against the server-side idempotency layer, on a real axum
+//! server on 127.0.0.1 called over HTTP/1.1 by a hyper client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::post;
+use bytes::Bytes;
+use http::header::{DATE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tower_safe_retry::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use tower_safe_retry::{IdempotencyLayer, MemoryStore};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A received response with its body collected.
+#[derive(Debug)]
+struct Received {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Received {
+    fn is_replay(&self) -> bool {
+        self.headers
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|value| value == "true")
+    }
+
+    /// The headers without `Date`, which hyper sets on every response it writes, and
+    /// without `Idempotent-Replayed`.
+    fn stable_headers(&self) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        headers.remove(DATE);
+        headers.remove(IDEMPOTENT_REPLAYED);
+        headers
+    }
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    address
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn keyed_post(address: SocketAddr, key: &str, body: &'static str) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{address}/charges"))
+        .header(IDEMPOTENCY_KEY, HeaderValue::from_str(key).unwrap())
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Received {
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Received {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Counts the handlers running at once and keeps the maximum.
+#[derive(Default)]
+struct Concurrency {
+    running: AtomicUsize,
+    max: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl Concurrency {
+    /// Counts a handler in; the returned guard counts it out when dropped.
+    fn enter(self: &Arc<Self>) -> (usize, impl Drop) {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(running, Ordering::SeqCst);
+        (call, Exit(Arc::clone(self)))
+    }
+}
+
+struct Exit(Arc<Concurrency>);
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Hundreds of concurrent duplicates of one request, whose handler fails with `500` on
+/// most calls. A `500` releases the key, so a later duplicate runs the handler again, but
+/// never while another run is in flight. Once a run returns `201`, every response that
+/// follows is its byte-identical replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn flaky_handler_runs_one_at_a_time() {
+    const CLIENTS: usize = 300;
+    const ATTEMPTS: usize = 200;
+    let concurrency = Arc::new(Concurrency::default());
+    let handler = {
+        let concurrency = Arc::clone(&concurrency);
+        move |body: Bytes| {
+            let concurrency = Arc::clone(&concurrency);
+            async move {
+                let (call, _exit) = concurrency.enter();
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..5))).await;
+                // Calls 0 to 4 always fail, later ones fail two times in three.
+                if call < 5 || fastrand::u8(0..3) != 0 {
+                    let headers = [("x-attempt", call.to_string())];
+                    return (StatusCode::INTERNAL_SERVER_ERROR, headers, Bytes::new());
+                }
+                let headers = [("x-charge-id", format!("ch_{call}"))];
+                let body = Bytes::from(format!("{{\"charge\":{call},\"bytes\":{}}}", body.len()));
+                (StatusCode::CREATED, headers, body)
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let address = serve(app).await;
+    let client = client();
+
+    // The time each client sent a request and what it received, for every attempt.
+    let log: Arc<Mutex<Vec<(Instant, Instant, Received)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let client = client.clone();
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ATTEMPTS {
+                let sent = Instant::now();
+                let received = send(&client, keyed_post(address, "flaky", "{\"amount\":7}")).await;
+                let done = Instant::now();
+                let status = received.status;
+                log.lock().unwrap().push((sent, done, received));
+                if status.is_success() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..10))).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    assert_eq!(concurrency.max.load(Ordering::SeqCst), 1);
+    assert!(concurrency.calls.load(Ordering::SeqCst) > 5);
+
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let executed: Vec<_> = log
+        .iter()
+        .filter(|(_, _, received)| received.status.is_success() && !received.is_replay())
+        .collect();
+    assert_eq!(executed.len(), 1, "exactly one run returns 2xx");
+    let (_, executed_at, first) = executed[0];
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    for (sent, _, received) in &log {
+        for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::CONFLICT] {
+            if received.status == status {
+                assert!(!received.is_replay(), "{received:?}");
+            }
+        }
+        if received.status == StatusCode::CONFLICT {
+            assert!(received.headers.contains_key(RETRY_AFTER));
+        }
+        if sent < executed_at {
+            continue;
+        }
+        assert!(received.is_replay(), "{received:?}");
+        assert_eq!(received.status, first.status);
+        assert_eq!(received.stable_headers(), first.stable_headers());
+        assert_eq!(received.body, first.body);
+    }
+    let replays = log.iter().filter(|(_, _, received)| received.is_replay());
+    for (_, _, received) in replays {
+        assert_eq!(received.status, first.status);
+        assert_eq!(received.stable_headers(), first.stable_headers());
+        assert_eq!(received.body, first.body);
+    }
+    let successes = log.iter().filter(|(_, _, r)| r.status.is_success()).count();
+    assert_eq!(
+        successes, CLIENTS,
+        "every client ends with the stored response"
+    );
+}
