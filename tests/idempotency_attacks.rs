@@ -37,8 +37,8 @@ impl Received {
             .is_some_and(|value| value == "true")
     }
 
-    /// The headers without `Date`, which hyper sets on every response it writes, and
-    /// without `Idempotent-Replayed`.
+    /// Returns the headers without `Idempotent-Replayed` and without `Date`, which hyper
+    /// sets on every response it writes.
     fn stable_headers(&self) -> HeaderMap {
         let mut headers = self.headers.clone();
         headers.remove(DATE);
@@ -85,7 +85,8 @@ struct Concurrency {
 }
 
 impl Concurrency {
-    /// Counts a handler in; the returned guard counts it out when dropped.
+    /// Counts a handler in and returns its call number and a guard that counts it out
+    /// when dropped.
     fn enter(self: &Arc<Self>) -> (usize, impl Drop) {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -199,4 +200,46 @@ async fn flaky_handler_runs_one_at_a_time() {
         successes, CLIENTS,
         "every client ends with the stored response"
     );
+}
+
+/// A handler that runs longer than the lock TTL keeps its claim, so a duplicate sent
+/// while it runs gets `409` and never runs the handler a second time.
+#[tokio::test]
+async fn slow_handler_keeps_claim() {
+    let concurrency = Arc::new(Concurrency::default());
+    let handler = {
+        let concurrency = Arc::clone(&concurrency);
+        move || {
+            let concurrency = Arc::clone(&concurrency);
+            async move {
+                let (call, _exit) = concurrency.enter();
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                format!("{{\"charge\":{call}}}")
+            }
+        }
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new()).lock_ttl(Duration::from_millis(200));
+    let app = Router::new().route("/charges", post(handler)).layer(layer);
+    let address = serve(app).await;
+    let client = client();
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, keyed_post(address, "slow", "{}")).await }
+    });
+    for delay in [500, 400] {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let duplicate = send(&client, keyed_post(address, "slow", "{}")).await;
+        assert_eq!(duplicate.status, StatusCode::CONFLICT, "{duplicate:?}");
+    }
+
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.is_replay());
+    assert_eq!(first.body, "{\"charge\":0}");
+    let replay = send(&client, keyed_post(address, "slow", "{}")).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.body, "{\"charge\":0}");
+    assert_eq!(concurrency.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(concurrency.max.load(Ordering::SeqCst), 1);
 }

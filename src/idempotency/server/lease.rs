@@ -1,8 +1,13 @@
 //! The claim a running request holds on its key, and what happens to it when the
 //! request ends or is dropped.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::future::{Either, select};
 
 use crate::idempotency::store::{IdempotencyStore, OwnerToken, RecordKey, StoredResponse};
 
@@ -11,6 +16,7 @@ pub(super) struct Lease<St: IdempotencyStore> {
     store: Arc<St>,
     key: RecordKey,
     owner: OwnerToken,
+    lock_ttl: Duration,
     replay_ttl: Duration,
     pub(super) on_drop: Option<OnDrop>,
 }
@@ -25,14 +31,58 @@ impl<St: IdempotencyStore> Lease<St> {
         store: Arc<St>,
         key: RecordKey,
         owner: OwnerToken,
+        lock_ttl: Duration,
         replay_ttl: Duration,
     ) -> Self {
         Lease {
             store,
             key,
             owner,
+            lock_ttl,
             replay_ttl,
             on_drop: Some(OnDrop::Release),
+        }
+    }
+
+    /// Runs `future` to completion while renewing the lease every third of the lock TTL,
+    /// so a duplicate cannot take the key over while the request is still running.
+    ///
+    /// Renewal uses the Tokio timer, so the runtime needs its time driver.
+    pub(super) async fn renew_while<F: Future>(&self, future: F) -> F::Output {
+        let period = self.lock_ttl / 3;
+        if period.is_zero() {
+            return future.await;
+        }
+        match select(pin!(future), pin!(self.renew_forever(period))).await {
+            Either::Left((output, _)) => output,
+            Either::Right((never, _)) => match never {},
+        }
+    }
+
+    async fn renew_forever(&self, period: Duration) -> Infallible {
+        loop {
+            tokio::time::sleep(period).await;
+            let Err(error) = self
+                .store
+                .renew(&self.key, &self.owner, self.lock_ttl)
+                .await
+            else {
+                continue;
+            };
+            if !error.is_stale_owner() {
+                tracing::warn!(
+                    key = self.key.key(),
+                    error = &error as &dyn std::error::Error,
+                    "failed to renew the idempotency lease, retrying at the next period"
+                );
+                continue;
+            }
+            tracing::error!(
+                key = self.key.key(),
+                "lost the claim on the idempotency key while the request runs, so a duplicate \
+                 may run it again"
+            );
+            return std::future::pending().await;
         }
     }
 

@@ -105,7 +105,7 @@ where
         .await;
     match begin {
         Ok(Begin::Claimed) => {
-            let lease = Lease::new(store, record_key, owner, config.replay_ttl);
+            let lease = Lease::new(store, record_key, owner, config.lock_ttl, config.replay_ttl);
             execute(inner, lease, &config, request).await
         }
         Ok(Begin::InFlight { expires_in }) => {
@@ -172,9 +172,8 @@ where
     ResBody::Error: Into<BoxError>,
 {
     Outcome::Executed.count();
-    let result = AssertUnwindSafe(async { inner.call(request).await })
-        .catch_unwind()
-        .await;
+    let call = AssertUnwindSafe(async { inner.call(request).await }).catch_unwind();
+    let result = lease.renew_while(call).await;
     let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
@@ -201,7 +200,10 @@ where
         body: None,
     }));
 
-    let (stored_body, body) = match buffer_body(body, config.max_response_body).await {
+    let buffered = lease
+        .renew_while(buffer_body(body, config.max_response_body))
+        .await;
+    let (stored_body, body) = match buffered {
         Buffered::Complete(bytes) => (Some(bytes.clone()), ResponseBody::full(bytes)),
         Buffered::Partial(body) => (None, body),
     };
