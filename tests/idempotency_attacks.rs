@@ -15,10 +15,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower_safe_retry::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-use tower_safe_retry::{IdempotencyLayer, MemoryStore};
+use tower_safe_retry::idempotency::store::{
+    Begin, OwnerToken, RecordKey, StoreError, StoredResponse,
+};
+use tower_safe_retry::idempotency::{Fingerprint, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use tower_safe_retry::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -242,4 +247,159 @@ async fn slow_handler_keeps_claim() {
     assert_eq!(replay.body, "{\"charge\":0}");
     assert_eq!(concurrency.calls.load(Ordering::SeqCst), 1);
     assert_eq!(concurrency.max.load(Ordering::SeqCst), 1);
+}
+
+/// The store operation that [`SlowStore`] delays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    /// `begin` claims the key at once and returns late, as a remote store whose reply
+    /// is slow.
+    Begin,
+    /// `complete` waits before it stores the response, as a remote store whose request
+    /// is slow, so dropping it stores nothing.
+    Complete,
+}
+
+/// A [`MemoryStore`] whose first `begin` or first `complete` is slow. It notifies
+/// `entered` when the wait starts.
+#[derive(Clone)]
+struct SlowStore {
+    inner: MemoryStore,
+    slow: Slow,
+    waits: Arc<AtomicUsize>,
+    entered: Arc<Notify>,
+}
+
+impl SlowStore {
+    fn new(slow: Slow) -> Self {
+        SlowStore {
+            inner: MemoryStore::new(),
+            slow,
+            waits: Arc::default(),
+            entered: Arc::default(),
+        }
+    }
+
+    async fn wait_once(&self, operation: Slow) {
+        if operation != self.slow || self.waits.fetch_add(1, Ordering::SeqCst) > 0 {
+            return;
+        }
+        self.entered.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+impl IdempotencyStore for SlowStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        let begin = self.inner.begin(key, fingerprint, owner, lock_ttl).await;
+        self.wait_once(Slow::Begin).await;
+        begin
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        owner: &OwnerToken,
+        response: StoredResponse,
+        replay_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.wait_once(Slow::Complete).await;
+        self.inner.complete(key, owner, response, replay_ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, owner: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, owner).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, owner, lock_ttl).await
+    }
+}
+
+/// Sends a keyed request on a connection of its own and closes the connection when the
+/// store starts its slow operation, so the server drops the request's future there.
+async fn disconnect_in_store(address: SocketAddr, store: &SlowStore) {
+    let stream = TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = keyed_post(address, "dropped", "{}");
+    let in_flight = tokio::spawn(async move { sender.send_request(request).await });
+    store.entered.notified().await;
+    in_flight.abort();
+    connection.abort();
+}
+
+/// Sends the request until it gets a response other than `409`, for at most 3 s.
+async fn send_until_not_conflict(client: &HttpClient, address: SocketAddr) -> Received {
+    let mut received = send(client, keyed_post(address, "dropped", "{}")).await;
+    for _ in 0..300 {
+        if received.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        received = send(client, keyed_post(address, "dropped", "{}")).await;
+    }
+    received
+}
+
+fn counting_app(store: SlowStore, lock_ttl: Duration) -> (Router, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move { format!("{{\"charge\":{call}}}") }
+        }
+    };
+    let layer = IdempotencyLayer::new(store).lock_ttl(lock_ttl);
+    let app = Router::new().route("/charges", post(handler)).layer(layer);
+    (app, calls)
+}
+
+/// A request dropped while the store records its response still gets it recorded, so a
+/// retry gets the replay and the handler does not run again after the lock TTL.
+#[tokio::test]
+async fn drop_during_complete_keeps_response() {
+    let store = SlowStore::new(Slow::Complete);
+    let (app, calls) = counting_app(store.clone(), Duration::from_millis(500));
+    let address = serve(app).await;
+
+    disconnect_in_store(address, &store).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let retry = send_until_not_conflict(&client(), address).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert!(retry.is_replay(), "{retry:?}");
+    assert_eq!(retry.body, "{\"charge\":0}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A request dropped while the store returns its claim releases the key, so a retry runs
+/// at once and does not get `409` until the lock TTL expires.
+#[tokio::test]
+async fn drop_during_begin_releases_key() {
+    let store = SlowStore::new(Slow::Begin);
+    let (app, calls) = counting_app(store.clone(), Duration::from_secs(60));
+    let address = serve(app).await;
+
+    disconnect_in_store(address, &store).await;
+
+    let retry = send_until_not_conflict(&client(), address).await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert!(!retry.is_replay());
+    assert_eq!(retry.body, "{\"charge\":0}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use futures_util::future::{Either, select};
 
-use crate::idempotency::store::{IdempotencyStore, OwnerToken, RecordKey, StoredResponse};
+use crate::idempotency::Fingerprint;
+use crate::idempotency::store::{
+    Begin, IdempotencyStore, OwnerToken, RecordKey, StoreError, StoredResponse,
+};
 
 /// A claim on a key, which is released or completed when dropped unfinished.
 pub(super) struct Lease<St: IdempotencyStore> {
@@ -86,13 +89,33 @@ impl<St: IdempotencyStore> Lease<St> {
         }
     }
 
-    pub(super) async fn release(mut self) {
+    pub(super) fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    /// Claims the key with this lease's owner token and lock TTL.
+    pub(super) async fn begin(&self, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
+        self.store
+            .begin(&self.key, fingerprint, &self.owner, self.lock_ttl)
+            .await
+    }
+
+    /// Makes dropping the lease do nothing, for a request that did not claim the key.
+    pub(super) fn disarm(&mut self) {
         self.on_drop = None;
+    }
+
+    // `release` and `complete` keep the drop action until the store returns, so a future
+    // dropped while a remote store works still releases or completes the key.
+
+    pub(super) async fn release(mut self) {
+        self.on_drop = Some(OnDrop::Release);
         release(&*self.store, &self.key, &self.owner).await;
+        self.on_drop = None;
     }
 
     pub(super) async fn complete(mut self, response: StoredResponse) {
-        self.on_drop = None;
+        self.on_drop = Some(OnDrop::Complete(response.clone()));
         complete(
             &*self.store,
             &self.key,
@@ -101,6 +124,7 @@ impl<St: IdempotencyStore> Lease<St> {
             self.replay_ttl,
         )
         .await;
+        self.on_drop = None;
     }
 }
 

@@ -85,9 +85,11 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 ///
 /// A `5xx` response, an error from the inner service and a panic release the key, so a
 /// retry runs the request again; the panic then continues. Dropping the response future
-/// while the inner service runs (a client that disconnects) releases the key on a task
-/// spawned on the current Tokio runtime. Outside a runtime the claim stays until the lock
-/// TTL expires.
+/// (a client that disconnects) while the store claims the key or while the inner service
+/// runs releases the key on a task spawned on the current Tokio runtime. Dropping it after
+/// the inner service returned stores the response on such a task, without the body when
+/// the body was not yet buffered. Outside a runtime the claim stays until the lock TTL
+/// expires.
 ///
 /// # Store failures
 ///

@@ -98,16 +98,23 @@ where
     let record_key = RecordKey::new(scope(&config, &parts), key);
     let fingerprint = Fingerprint::compute(&parts.method, &parts.uri, &bytes);
     let request = Request::from_parts(parts, ReqBody::from(bytes));
-    let owner = OwnerToken::generate();
+    let mut lease = Lease::new(
+        store,
+        record_key,
+        OwnerToken::generate(),
+        config.lock_ttl,
+        config.replay_ttl,
+    );
 
-    let begin = store
-        .begin(&record_key, &fingerprint, &owner, config.lock_ttl)
-        .await;
+    // The lease exists before `begin` returns, so a future dropped while a remote store
+    // replies still releases a claim that the store made.
+    let begin = lease.begin(&fingerprint).await;
+    if !matches!(begin, Ok(Begin::Claimed)) {
+        lease.disarm();
+    }
+    let record_key = lease.key().clone();
     match begin {
-        Ok(Begin::Claimed) => {
-            let lease = Lease::new(store, record_key, owner, config.lock_ttl, config.replay_ttl);
-            execute(inner, lease, &config, request).await
-        }
+        Ok(Begin::Claimed) => execute(inner, lease, &config, request).await,
         Ok(Begin::InFlight { expires_in }) => {
             Outcome::InFlight.count();
             tracing::debug!(
