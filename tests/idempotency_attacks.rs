@@ -1,17 +1,22 @@
 //! Hostile inputs and races against the server-side idempotency layer, on a real axum
 //! server on 127.0.0.1 called over HTTP/1.1 by a hyper client.
 
+use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::routing::post;
 use bytes::Bytes;
-use http::header::{DATE, RETRY_AFTER};
+use futures_util::stream;
+use http::header::{CONTENT_LENGTH, DATE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -124,7 +129,7 @@ async fn flaky_handler_runs_one_at_a_time() {
             async move {
                 let (call, _exit) = concurrency.enter();
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(1..5))).await;
-                // Calls 0 to 4 always fail, later ones fail two times in three.
+                // Calls 0 to 4 always fail, and later calls fail two times in three.
                 if call < 5 || fastrand::u8(0..3) != 0 {
                     let headers = [("x-attempt", call.to_string())];
                     return (StatusCode::INTERNAL_SERVER_ERROR, headers, Bytes::new());
@@ -342,15 +347,24 @@ async fn disconnect_in_store(address: SocketAddr, store: &SlowStore) {
     connection.abort();
 }
 
-/// Sends the request until it gets a response other than `409`, for at most 3 s.
+/// Sends the request with key `dropped` until it gets a response other than `409`.
 async fn send_until_not_conflict(client: &HttpClient, address: SocketAddr) -> Received {
-    let mut received = send(client, keyed_post(address, "dropped", "{}")).await;
+    send_until_not_conflict_key(client, address, "dropped").await
+}
+
+/// Sends the request until it gets a response other than `409`, for about 3 s.
+async fn send_until_not_conflict_key(
+    client: &HttpClient,
+    address: SocketAddr,
+    key: &str,
+) -> Received {
+    let mut received = send(client, keyed_post(address, key, "{}")).await;
     for _ in 0..300 {
         if received.status != StatusCode::CONFLICT {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        received = send(client, keyed_post(address, "dropped", "{}")).await;
+        received = send(client, keyed_post(address, key, "{}")).await;
     }
     received
 }
@@ -401,5 +415,201 @@ async fn drop_during_begin_releases_key() {
     assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
     assert!(!retry.is_replay());
     assert_eq!(retry.body, "{\"charge\":0}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Sends a request with raw header bytes, which `HeaderValue::from_str` rejects.
+fn post_with_header(address: SocketAddr, name: &'static str, value: &[u8]) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{address}/charges"))
+        .header(name, HeaderValue::from_bytes(value).unwrap())
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn non_utf8_headers_handled() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move { format!("{{\"charge\":{call}}}") }
+        }
+    };
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let address = serve(app).await;
+    let client = client();
+
+    let key = send(
+        &client,
+        post_with_header(address, "idempotency-key", b"k\xff"),
+    )
+    .await;
+    assert_eq!(key.status, StatusCode::BAD_REQUEST);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // A non-UTF-8 `Authorization` value is a scope like any other.
+    let mut first = post_with_header(address, "authorization", b"Bearer \xe9t\xe9");
+    first
+        .headers_mut()
+        .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
+    let first = send(&client, first).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.is_replay());
+
+    let mut replay = post_with_header(address, "authorization", b"Bearer \xe9t\xe9");
+    replay
+        .headers_mut()
+        .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
+    let replay = send(&client, replay).await;
+    assert!(replay.is_replay());
+    assert_eq!(replay.body, first.body);
+
+    let mut other = post_with_header(address, "authorization", b"Bearer \xe9t\xe8");
+    other
+        .headers_mut()
+        .insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
+    let other = send(&client, other).await;
+    assert!(!other.is_replay(), "another caller never gets this replay");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A handler whose response body fails midway ran, so its key is completed without a
+/// body: the first caller sees the failure, and a retry gets the status and headers with
+/// an empty body instead of running the handler again.
+#[tokio::test]
+async fn failing_response_body_not_rerun() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let chunks: [Result<Bytes, io::Error>; 2] = [
+                    Ok(Bytes::from_static(b"{\"partial\":")),
+                    Err(io::Error::other("database connection lost")),
+                ];
+                let headers = [("x-charge-id", "ch_1")];
+                (
+                    StatusCode::CREATED,
+                    headers,
+                    Body::from_stream(stream::iter(chunks)),
+                )
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let address = serve(app).await;
+    let client = client();
+
+    // hyper may fail the request before or after the head arrives, and either way the
+    // first caller must not get a truncated body as a complete response.
+    match client.request(keyed_post(address, "broken", "{}")).await {
+        Err(error) => assert!(!error.is_connect(), "{error:?}"),
+        Ok(first) => {
+            assert_eq!(first.status(), StatusCode::CREATED);
+            assert!(first.headers().get(IDEMPOTENT_REPLAYED).is_none());
+            assert!(!first.headers().contains_key(CONTENT_LENGTH));
+            let collected = first
+                .into_body()
+                .collect()
+                .await
+                .map(|body| body.to_bytes());
+            assert!(collected.is_err(), "{collected:?}");
+        }
+    }
+
+    let retry = send(&client, keyed_post(address, "broken", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.is_replay());
+    assert_eq!(retry.headers["x-charge-id"], "ch_1");
+    assert_eq!(retry.headers[CONTENT_LENGTH], "0");
+    assert!(retry.body.is_empty());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A response with trailers cannot be stored, so its body reaches the first caller as it
+/// streams, and its replay has the status and headers with an empty body.
+#[tokio::test]
+async fn trailers_sent_then_replay_empty() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+                let frames: [Result<Frame<Bytes>, Infallible>; 2] = [
+                    Ok(Frame::data(Bytes::from_static(b"charged"))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                Body::new(StreamBody::new(stream::iter(frames)))
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let address = serve(app).await;
+    let client = client();
+
+    let first = client
+        .request(keyed_post(address, "trailers", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let collected = first.into_body().collect().await.unwrap();
+    assert_eq!(collected.to_bytes(), "charged");
+
+    let retry = send(&client, keyed_post(address, "trailers", "{}")).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert!(retry.is_replay());
+    assert_eq!(retry.headers[CONTENT_LENGTH], "0");
+    assert!(retry.body.is_empty());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A request body that fails midway is rejected before the key is claimed, so the next
+/// request with the key runs.
+#[tokio::test]
+async fn failing_request_body_claims_nothing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move { format!("{{\"charge\":{call}}}") }
+        }
+    };
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let address = serve(app).await;
+
+    // A chunked body whose stream fails after one chunk, so the client aborts the
+    // connection mid-body.
+    let chunks: [Result<Frame<Bytes>, io::Error>; 2] = [
+        Ok(Frame::data(Bytes::from_static(b"{\"amount\":"))),
+        Err(io::Error::other("client disk failed")),
+    ];
+    let request = Request::post(format!("http://{address}/charges"))
+        .header(IDEMPOTENCY_KEY, "cut")
+        .body(StreamBody::new(stream::iter(chunks)))
+        .unwrap();
+    let stream = TcpStream::connect(address).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    assert!(sender.send_request(request).await.is_err());
+
+    let retry = send_until_not_conflict_key(&client(), address, "cut").await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert!(!retry.is_replay());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
