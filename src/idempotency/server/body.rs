@@ -125,7 +125,12 @@ where
                     .map(|data| data.len() as u64)
                     .sum();
                 if *ended {
-                    return SizeHint::with_exact(read_bytes);
+                    // The body ends with an error, so its length is unknown. An exact hint
+                    // makes hyper 1 send `Content-Length` and end the message after the
+                    // read bytes, and the client takes the truncated body as complete.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(read_bytes);
+                    return hint;
                 }
                 let rest = body.size_hint();
                 let mut hint = SizeHint::new();

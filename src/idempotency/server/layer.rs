@@ -107,8 +107,13 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Sets the lease of a claim: how long a request may run before a duplicate may take
-    /// its key over and run again.
+    /// Sets the lease of a claim: how long a key stays claimed after its request stops
+    /// renewing it, before a duplicate may take the key over and run again.
+    ///
+    /// The layer renews the lease every third of this TTL while the handler runs and its
+    /// response body is buffered, so a slow handler keeps its key. A takeover happens only
+    /// when the process that claimed the key dies or cannot reach the store for a whole
+    /// TTL. Renewal uses the Tokio timer, so the runtime needs its time driver.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         self.config.lock_ttl = ttl;
         self

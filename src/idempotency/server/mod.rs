@@ -79,11 +79,17 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 ///
 /// # When the key is released
 ///
+/// While the handler runs and its response body is buffered, the layer renews the claim
+/// every third of the [`lock_ttl`](IdempotencyLayer::lock_ttl), so a slow request keeps
+/// its key and a duplicate gets `409`.
+///
 /// A `5xx` response, an error from the inner service and a panic release the key, so a
 /// retry runs the request again; the panic then continues. Dropping the response future
-/// while the inner service runs (a client that disconnects) releases the key on a task
-/// spawned on the current Tokio runtime. Outside a runtime the claim stays until the lock
-/// TTL expires.
+/// (a client that disconnects) while the store claims the key or while the inner service
+/// runs releases the key on a task spawned on the current Tokio runtime. Dropping it after
+/// the inner service returned stores the response on such a task, without the body when
+/// the body was not yet buffered. Outside a runtime the claim stays until the lock TTL
+/// expires.
 ///
 /// # Store failures
 ///

@@ -180,20 +180,34 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 ];
 
 /// Copies the response headers that are stored for replay: all but hop-by-hop headers
-/// (the list above, `Keep-Alive` and `Proxy-*`) and, unless `store_set_cookie`,
-/// `Set-Cookie`.
+/// (the list above, `Keep-Alive`, `Proxy-*` and every header that `Connection` names)
+/// and, unless `store_set_cookie`, `Set-Cookie`.
 pub(super) fn storable_headers(headers: &HeaderMap, store_set_cookie: bool) -> HeaderMap {
+    let connection_options = connection_options(headers);
     let mut stored = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let hop_by_hop = HOP_BY_HOP.contains(name)
             || name.as_str() == "keep-alive"
-            || name.as_str().starts_with("proxy-");
+            || name.as_str().starts_with("proxy-")
+            || connection_options.contains(name);
         let cookie = name == header::SET_COOKIE && !store_set_cookie;
         if !hop_by_hop && !cookie {
             stored.append(name.clone(), value.clone());
         }
     }
     stored
+}
+
+/// Returns the header names listed in `Connection`, which RFC 9110, section 7.6.1, makes
+/// hop-by-hop. Tokens that are not valid header names are skipped.
+fn connection_options(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -263,6 +277,22 @@ mod tests {
         let stored = storable_headers(&headers, true);
         assert_eq!(stored.len(), 2, "{stored:?}");
         assert_eq!(stored["set-cookie"], "a=1");
+    }
+
+    #[test]
+    fn stored_headers_skip_connection_options() {
+        let mut headers = HeaderMap::new();
+        headers.append("connection", HeaderValue::from_static("X-Hop, keep-alive"));
+        headers.append("connection", HeaderValue::from_static(" x-other "));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("2"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("3"));
+
+        let stored = storable_headers(&headers, false);
+        assert!(!stored.contains_key("x-hop"), "{stored:?}");
+        assert!(!stored.contains_key("x-other"), "{stored:?}");
+        assert_eq!(stored["x-end-to-end"], "3");
+        assert_eq!(stored.len(), 1, "{stored:?}");
     }
 
     #[test]

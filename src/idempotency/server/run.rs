@@ -98,16 +98,23 @@ where
     let record_key = RecordKey::new(scope(&config, &parts), key);
     let fingerprint = Fingerprint::compute(&parts.method, &parts.uri, &bytes);
     let request = Request::from_parts(parts, ReqBody::from(bytes));
-    let owner = OwnerToken::generate();
+    let mut lease = Lease::new(
+        store,
+        record_key,
+        OwnerToken::generate(),
+        config.lock_ttl,
+        config.replay_ttl,
+    );
 
-    let begin = store
-        .begin(&record_key, &fingerprint, &owner, config.lock_ttl)
-        .await;
+    // The lease exists before `begin` returns, so a future dropped while a remote store
+    // replies still releases a claim that the store made.
+    let begin = lease.begin(&fingerprint).await;
+    if !matches!(begin, Ok(Begin::Claimed)) {
+        lease.disarm();
+    }
+    let record_key = lease.key().clone();
     match begin {
-        Ok(Begin::Claimed) => {
-            let lease = Lease::new(store, record_key, owner, config.replay_ttl);
-            execute(inner, lease, &config, request).await
-        }
+        Ok(Begin::Claimed) => execute(inner, lease, &config, request).await,
         Ok(Begin::InFlight { expires_in }) => {
             Outcome::InFlight.count();
             tracing::debug!(
@@ -172,9 +179,8 @@ where
     ResBody::Error: Into<BoxError>,
 {
     Outcome::Executed.count();
-    let result = AssertUnwindSafe(async { inner.call(request).await })
-        .catch_unwind()
-        .await;
+    let call = AssertUnwindSafe(async { inner.call(request).await }).catch_unwind();
+    let result = lease.renew_while(call).await;
     let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
@@ -201,7 +207,10 @@ where
         body: None,
     }));
 
-    let (stored_body, body) = match buffer_body(body, config.max_response_body).await {
+    let buffered = lease
+        .renew_while(buffer_body(body, config.max_response_body))
+        .await;
+    let (stored_body, body) = match buffered {
         Buffered::Complete(bytes) => (Some(bytes.clone()), ResponseBody::full(bytes)),
         Buffered::Partial(body) => (None, body),
     };
