@@ -539,11 +539,7 @@ async fn main() -> ExitCode {
     if !options.json {
         println!(
             "checkout: {} orders, fault rate {}, seed {}, concurrency {}, replicas {}\n",
-            options.orders,
-            options.fault_rate,
-            options.seed,
-            options.concurrency,
-            options.replicas
+            options.orders, options.fault_rate, options.seed, options.concurrency, options.replicas
         );
     }
 

@@ -329,6 +329,35 @@ async fn server_error_releases_key() {
 }
 
 #[tokio::test]
+async fn retry_later_statuses_release_key() {
+    for refusal in [StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let handler = move || {
+            let call = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match call {
+                    0 => (refusal, "later"),
+                    _ => (StatusCode::CREATED, "charged"),
+                }
+            }
+        };
+        let app = Router::new()
+            .route("/charges", post(handler))
+            .layer(IdempotencyLayer::new(MemoryStore::new()));
+        let address = serve(app).await;
+        let client = client();
+
+        let first = send(&client, keyed_post(address, "k", "{}")).await;
+        assert_eq!(first.status, refusal);
+        let second = send(&client, keyed_post(address, "k", "{}")).await;
+        assert_eq!(second.status, StatusCode::CREATED, "after {refusal}");
+        assert!(second.replayed().is_none(), "after {refusal}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "after {refusal}");
+    }
+}
+
+#[tokio::test]
 async fn handler_panic_releases_key() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&calls);

@@ -47,7 +47,7 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// | key repeated, empty, over 255 bytes or not visible ASCII | `400` |
 /// | body over [`max_request_body`](IdempotencyLayer::max_request_body) | `413` |
 /// | body that fails to read | `400` |
-/// | first with its key | runs; a response below `500` is stored |
+/// | first with its key | runs; a response below `500`, other than `408` and `429`, is stored |
 /// | same key while the first runs | `409` with `Retry-After` |
 /// | same key after the first completed | the stored response, with `Idempotent-Replayed: true` |
 /// | same key, different method, path, query or body | `422` |
@@ -83,8 +83,10 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// every third of the [`lock_ttl`](IdempotencyLayer::lock_ttl), so a slow request keeps
 /// its key and a duplicate gets `409`.
 ///
-/// A `5xx` response, an error from the inner service and a panic release the key, so a
-/// retry runs the request again; the panic then continues. Dropping the response future
+/// A `5xx`, `408` or `429` response, an error from the inner service and a panic release
+/// the key, so a retry runs the request again; the panic then continues. `408` and `429`
+/// ask the client to try again later, so storing them would replay the refusal to every
+/// retry. Dropping the response future
 /// (a client that disconnects) while the store claims the key or while the inner service
 /// runs releases the key on a task spawned on the current Tokio runtime. Dropping it after
 /// the inner service returned stores the response on such a task, without the body when

@@ -192,7 +192,7 @@ where
             std::panic::resume_unwind(panic);
         }
     };
-    if response.status().is_server_error() {
+    if releases_key(response.status()) {
         lease.release().await;
         return Ok(response.map(ResponseBody::inner));
     }
@@ -221,6 +221,15 @@ where
     };
     lease.complete(stored).await;
     Ok(Response::from_parts(parts, body))
+}
+
+/// Whether a response leaves the request unprocessed, so the key is released for a retry
+/// instead of storing the response: a `5xx`, and `408` and `429`, which ask the client to
+/// send the request again later. Storing a `429` would replay it to every retry.
+fn releases_key(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 /// Builds a replay: the stored status, headers and body, marked `Idempotent-Replayed`.
