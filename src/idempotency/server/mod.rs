@@ -62,6 +62,11 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// default scope is a keyed BLAKE3 digest of the `Authorization` header, or `anonymous`
 /// without one; [`scope_with`](IdempotencyLayer::scope_with) replaces it.
 ///
+/// Every caller without an `Authorization` header shares the `anonymous` scope. A service
+/// that identifies callers another way (a session cookie, mutual TLS) must scope by that
+/// identity with `scope_with`, or one caller who guesses another's key receives the other
+/// caller's response.
+///
 /// # What is stored
 ///
 /// The status, the headers without hop-by-hop headers and `Set-Cookie` (unless
