@@ -846,3 +846,117 @@ async fn metrics_count_outcomes() {
     }
     assert_eq!(counts.len(), expected.len(), "{counts:?}");
 }
+
+/// A handler that answers `first_status` on its first call, after the test opens `gate`,
+/// and `201` at once after that.
+fn gated_handler(
+    calls: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Notify>,
+    first_status: StatusCode,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = (StatusCode, String)> + Send>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move || {
+        let call = calls.fetch_add(1, Ordering::SeqCst);
+        let gate = Arc::clone(&gate);
+        Box::pin(async move {
+            if call == 0 {
+                gate.notified().await;
+                return (first_status, format!("call {call}"));
+            }
+            (StatusCode::CREATED, format!("call {call}"))
+        })
+    }
+}
+
+#[tokio::test]
+async fn waiting_duplicate_gets_the_replay() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let handler = gated_handler(Arc::clone(&calls), Arc::clone(&gate), StatusCode::CREATED);
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(5));
+    let address = serve(Router::new().route("/charges", post(handler)).layer(layer)).await;
+    let client = client();
+
+    let first = tokio::spawn(send_owned(client.clone(), keyed_post(address, "k", "{}")));
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let duplicate = tokio::spawn(send_owned(client.clone(), keyed_post(address, "k", "{}")));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    gate.notify_one();
+
+    let first = first.await.unwrap();
+    let duplicate = duplicate.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(duplicate.status, StatusCode::CREATED);
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(duplicate.replayed().unwrap(), "true");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn waiting_duplicate_runs_after_release() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let handler = gated_handler(
+        Arc::clone(&calls),
+        Arc::clone(&gate),
+        StatusCode::INTERNAL_SERVER_ERROR,
+    );
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(5));
+    let address = serve(Router::new().route("/charges", post(handler)).layer(layer)).await;
+    let client = client();
+
+    let first = tokio::spawn(send_owned(client.clone(), keyed_post(address, "k", "{}")));
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let duplicate = tokio::spawn(send_owned(client.clone(), keyed_post(address, "k", "{}")));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    gate.notify_one();
+
+    assert_eq!(
+        first.await.unwrap().status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let duplicate = duplicate.await.unwrap();
+    assert_eq!(duplicate.status, StatusCode::CREATED);
+    assert_eq!(duplicate.body, "call 1");
+    assert!(duplicate.replayed().is_none());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn waiting_duplicate_gives_up_with_409() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let handler = gated_handler(Arc::clone(&calls), Arc::clone(&gate), StatusCode::CREATED);
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_millis(100));
+    let address = serve(Router::new().route("/charges", post(handler)).layer(layer)).await;
+    let client = client();
+
+    let first = tokio::spawn(send_owned(client.clone(), keyed_post(address, "k", "{}")));
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let started = std::time::Instant::now();
+    let duplicate = send(&client, keyed_post(address, "k", "{}")).await;
+    let waited = started.elapsed();
+    gate.notify_one();
+
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert!(duplicate.headers.contains_key("retry-after"));
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+async fn send_owned(client: HttpClient, request: Request<Full<Bytes>>) -> Received {
+    send(&client, request).await
+}

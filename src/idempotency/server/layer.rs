@@ -44,6 +44,7 @@ pub(super) struct Config {
     pub(super) scope: Scope,
     pub(super) store_set_cookie: bool,
     pub(super) fail_open: bool,
+    pub(super) wait_in_flight: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -74,6 +75,7 @@ impl<St> IdempotencyLayer<St> {
                 },
                 store_set_cookie: false,
                 fail_open: false,
+                wait_in_flight: None,
             },
         }
     }
@@ -122,6 +124,18 @@ impl<St> IdempotencyLayer<St> {
     /// Sets how long a completed response is kept for replay.
     pub fn replay_ttl(mut self, ttl: Duration) -> Self {
         self.config.replay_ttl = ttl;
+        self
+    }
+
+    /// Makes a duplicate that arrives while the first request runs wait up to `max_wait`
+    /// for it to finish, and then receive its replay, instead of a `409` at once.
+    ///
+    /// The waiting request asks the store again every 50 ms, so each waiting duplicate
+    /// costs the store about 20 calls a second. When the first request releases the key
+    /// (a `5xx`, an error, a panic), the waiting one claims it and runs. After `max_wait`
+    /// it gets the `409` with `Retry-After`.
+    pub fn wait_for_in_flight(mut self, max_wait: Duration) -> Self {
+        self.config.wait_in_flight = Some(max_wait);
         self
     }
 

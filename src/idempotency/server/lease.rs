@@ -105,6 +105,11 @@ impl<St: IdempotencyStore> Lease<St> {
         self.on_drop = None;
     }
 
+    /// Makes dropping the lease release the key again, before another `begin`.
+    pub(super) fn rearm(&mut self) {
+        self.on_drop = Some(OnDrop::Release);
+    }
+
     // `release` and `complete` keep the drop action until the store returns, so a future
     // dropped while a remote store works still releases or completes the key.
 

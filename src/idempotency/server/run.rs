@@ -2,6 +2,9 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -53,6 +56,9 @@ impl Outcome {
         metrics::counter!(IDEMPOTENCY_REQUESTS_TOTAL, "outcome" => self.as_str()).increment(1);
     }
 }
+
+/// How often a duplicate waiting for the first request asks the store again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// Converts a problem response to the layer's response type.
 pub(super) fn reject<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
@@ -108,10 +114,21 @@ where
 
     // The lease exists before `begin` returns, so a future dropped while a remote store
     // replies still releases a claim that the store made.
-    let begin = lease.begin(&fingerprint).await;
-    if !matches!(begin, Ok(Begin::Claimed)) {
-        lease.disarm();
-    }
+    let wait_until = config.wait_in_flight.map(|wait| Instant::now() + wait);
+    let begin = loop {
+        let begin = lease.begin(&fingerprint).await;
+        if !matches!(begin, Ok(Begin::Claimed)) {
+            lease.disarm();
+        }
+        let now = Instant::now();
+        match (&begin, wait_until) {
+            (Ok(Begin::InFlight { .. }), Some(until)) if now < until => {
+                tokio::time::sleep(WAIT_POLL.min(until - now)).await;
+                lease.rearm();
+            }
+            _ => break begin,
+        }
+    };
     let record_key = lease.key().clone();
     match begin {
         Ok(Begin::Claimed) => execute(inner, lease, &config, request).await,
