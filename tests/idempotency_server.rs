@@ -960,3 +960,15 @@ async fn waiting_duplicate_gives_up_with_409() {
 async fn send_owned(client: HttpClient, request: Request<Full<Bytes>>) -> Received {
     send(&client, request).await
 }
+
+#[test]
+#[should_panic(expected = "lock_ttl is 0s")]
+fn zero_lock_ttl_is_rejected() {
+    let _ = IdempotencyLayer::new(MemoryStore::new()).lock_ttl(Duration::ZERO);
+}
+
+#[test]
+#[should_panic(expected = "replay_ttl is 0s")]
+fn zero_replay_ttl_is_rejected() {
+    let _ = IdempotencyLayer::new(MemoryStore::new()).replay_ttl(Duration::ZERO);
+}

@@ -116,13 +116,33 @@ impl<St> IdempotencyLayer<St> {
     /// response body is buffered, so a slow handler keeps its key. A takeover happens only
     /// when the process that claimed the key dies or cannot reach the store for a whole
     /// TTL. Renewal uses the Tokio timer, so the runtime needs its time driver.
+    ///
+    /// # Panics
+    ///
+    /// When `ttl` is zero, because every claim would expire at once and duplicates would
+    /// run side by side.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        assert!(
+            !ttl.is_zero(),
+            "lock_ttl is 0s, so every claim would expire at once and duplicates would run \
+             side by side; use a TTL such as the default 60s"
+        );
         self.config.lock_ttl = ttl;
         self
     }
 
     /// Sets how long a completed response is kept for replay.
+    ///
+    /// # Panics
+    ///
+    /// When `ttl` is zero, because no response would be replayed and every retry would
+    /// run again.
     pub fn replay_ttl(mut self, ttl: Duration) -> Self {
+        assert!(
+            !ttl.is_zero(),
+            "replay_ttl is 0s, so no response would be replayed and every retry would run \
+             again; use a TTL longer than clients retry, such as the default 24h"
+        );
         self.config.replay_ttl = ttl;
         self
     }
