@@ -97,6 +97,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub use crate::idempotency::{
     IdempotencyKeyLayer, IdempotencyLayer, IdempotencyStore, MemoryStore,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::idempotency::store::RedisStore;
 pub use crate::metrics::RetryMetricsLayer;
 #[cfg(feature = "report")]
 #[cfg_attr(docsrs, doc(cfg(feature = "report")))]
