@@ -132,7 +132,9 @@ fn record_name(prefix: &str, key: &RecordKey) -> String {
 /// because `PEXPIRE key 0` would delete the record at once.
 fn milliseconds(ttl: Duration) -> u64 {
     let rounded_up = ttl.as_nanos().div_ceil(1_000_000).max(1);
-    u64::try_from(rounded_up).unwrap_or(u64::MAX).min(i64::MAX as u64)
+    u64::try_from(rounded_up)
+        .unwrap_or(u64::MAX)
+        .min(i64::MAX as u64)
 }
 
 /// Maps the 0 or 1 that the owner-checking scripts return.
