@@ -4,11 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 
-use self::codec::{DecodeError, decode_head, encode_head};
+use self::codec::{encode_head, parse_begin};
 use self::scripts::Scripts;
 use super::{Begin, IdempotencyStore, OwnerToken, RecordKey, StoreError, StoredResponse};
 use crate::idempotency::Fingerprint;
@@ -24,7 +23,9 @@ mod scripts;
 /// instance `idem:{4:acme:order-42}`. The scope length keeps scopes that contain `:`
 /// apart. Each operation is one Lua script that touches only that key, so the layout works
 /// on Redis Cluster. The braces are a hash tag, so any key added to a record later lands
-/// in the same slot. The hash contains the fingerprint and, while the request runs, the
+/// in the same slot. Even the claim is a script rather than `SET key value NX PX ttl`,
+/// because a claim on a live key must return its state and stored response in the same
+/// atomic step. The hash contains the fingerprint and, while the request runs, the
 /// owner token, and once it completed the status, headers and body. The key's expiry is
 /// the lease while the record is in flight and the replay TTL once it is completed, so
 /// Redis removes expired records by itself.
@@ -39,18 +40,19 @@ mod scripts;
 /// promoted after a crash can lack a claim or completion that the old primary confirmed,
 /// and a retry then runs its request again. `WAIT` narrows this window but does not close
 /// it. A server whose `maxmemory-policy` evicts keys (any policy but `noeviction`) can
-/// drop a live record with the same effect, so run the store on a server or database
-/// with `maxmemory-policy noeviction`. With that policy a full server rejects writes, and
-/// [`begin`](IdempotencyStore::begin) returns a backend error, so the layer answers `503`
-/// by default.
+/// drop a live record with the same effect, so run the store on a Redis server with
+/// `maxmemory-policy noeviction`. With that policy a full server rejects new claims:
+/// [`begin`](IdempotencyStore::begin) returns a backend error, so the layer responds with
+/// `503` by default. Replays and completions of running requests still succeed.
 ///
 /// Unlike [`MemoryStore`](super::MemoryStore), an expired lease is gone at once: its owner
 /// can no longer complete or release it even when no other request took it over.
 ///
 /// # Sizing the TTLs
 ///
-/// Make the lock TTL longer than the slowest handler, or renew the lease, because a
-/// duplicate that arrives after the lease expired runs the request again. Make the replay
+/// Make the lock TTL longer than the slowest handler, because a duplicate that arrives
+/// after the lease expired runs the request again, and [`IdempotencyLayer`] does not
+/// renew leases. Make the replay
 /// TTL longer than the longest time over which clients retry. Memory is about the replay
 /// TTL times the rate of keyed requests times the size of a record (key, headers and
 /// body), plus Redis's own overhead per key.
@@ -60,6 +62,25 @@ mod scripts;
 /// [`ConnectionManager`] reconnects by itself after Redis restarts. While Redis is down,
 /// each operation fails with a backend error ([`StoreError::is_backend`]) with the
 /// [`redis::RedisError`] as its source. Clones share the connection.
+///
+/// # Example
+///
+/// ```no_run
+/// use axum::{Router, routing::post};
+/// use tower_safe_retry::{IdempotencyLayer, RedisStore};
+///
+/// # async fn run() -> Result<(), tower_safe_retry::idempotency::store::StoreError> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/0")
+///     .await?
+///     .prefix("payments");
+/// let app: Router = Router::new()
+///     .route("/charges", post(|| async { "charged" }))
+///     .layer(IdempotencyLayer::new(store));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`IdempotencyLayer`]: crate::IdempotencyLayer
 #[derive(Clone)]
 pub struct RedisStore {
     connection: ConnectionManager,
@@ -143,42 +164,6 @@ fn owner_checked(outcome: i64) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError::stale_owner())
-    }
-}
-
-/// Parses the reply of the `begin` script.
-fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
-    let invalid = || StoreError::backend(DecodeError::new("unexpected reply to the claim"));
-    let Value::Array(items) = reply else {
-        return Err(invalid());
-    };
-    let mut items = items.into_iter();
-    let Some(Value::BulkString(state)) = items.next() else {
-        return Err(invalid());
-    };
-
-    match (state.as_slice(), items.next(), items.next()) {
-        (b"claimed", None, None) => Ok(Begin::Claimed),
-        (b"mismatch", None, None) => Ok(Begin::Mismatch),
-        (b"in_flight", Some(Value::Int(pttl)), None) => {
-            // PTTL is -1 for a key without expiry, which the scripts never write.
-            let expires_in = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
-            Ok(Begin::InFlight { expires_in })
-        }
-        (b"completed", Some(Value::BulkString(head)), body) => {
-            let (status, headers) = decode_head(&head).map_err(StoreError::backend)?;
-            let body = match body {
-                Some(Value::BulkString(body)) => Some(Bytes::from(body)),
-                Some(Value::Nil) | None => None,
-                Some(_) => return Err(invalid()),
-            };
-            Ok(Begin::Completed(StoredResponse {
-                status,
-                headers,
-                body,
-            }))
-        }
-        _ => Err(invalid()),
     }
 }
 

@@ -1,6 +1,7 @@
-//! The binary encoding of a stored response's status and headers (the `head` field).
+//! Decoding of script replies, and the binary encoding of a stored response's status
+//! and headers (the `head` field).
 //!
-//! Layout, integers big-endian: a format version byte (1), the status as `u16`, then for
+//! The `head` layout, integers big-endian: a format version byte (1), the status as `u16`, then for
 //! each header in [`HeaderMap`] iteration order its name length as `u32`, the name, its
 //! value length as `u32` and the value. Every value of a multi-value header is its own
 //! entry, and values are raw bytes, so values that are not UTF-8 round-trip.
@@ -8,7 +9,13 @@
 use std::error::Error;
 use std::fmt;
 
+use std::time::Duration;
+
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use redis::Value;
+
+use crate::idempotency::store::{Begin, StoreError, StoredResponse};
 
 const VERSION: u8 = 1;
 
@@ -55,6 +62,42 @@ pub(super) fn decode_head(mut head: &[u8]) -> Result<(StatusCode, HeaderMap), De
     }
 
     Ok((status, headers))
+}
+
+/// Parses the reply of the `begin` script.
+pub(super) fn parse_begin(reply: Value) -> Result<Begin, StoreError> {
+    let invalid = || StoreError::backend(DecodeError::new("unexpected reply to the claim"));
+    let Value::Array(items) = reply else {
+        return Err(invalid());
+    };
+    let mut items = items.into_iter();
+    let Some(Value::BulkString(state)) = items.next() else {
+        return Err(invalid());
+    };
+
+    match (state.as_slice(), items.next(), items.next()) {
+        (b"claimed", None, None) => Ok(Begin::Claimed),
+        (b"mismatch", None, None) => Ok(Begin::Mismatch),
+        (b"in_flight", Some(Value::Int(pttl)), None) => {
+            // PTTL is -1 for a key without expiry, which the scripts never write.
+            let expires_in = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
+            Ok(Begin::InFlight { expires_in })
+        }
+        (b"completed", Some(Value::BulkString(head)), body) => {
+            let (status, headers) = decode_head(&head).map_err(StoreError::backend)?;
+            let body = match body {
+                Some(Value::BulkString(body)) => Some(Bytes::from(body)),
+                Some(Value::Nil) | None => None,
+                Some(_) => return Err(invalid()),
+            };
+            Ok(Begin::Completed(StoredResponse {
+                status,
+                headers,
+                body,
+            }))
+        }
+        _ => Err(invalid()),
+    }
 }
 
 fn write_field(head: &mut Vec<u8>, bytes: &[u8]) {

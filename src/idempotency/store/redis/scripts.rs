@@ -44,6 +44,11 @@ return {'completed', stored[1], stored[2]}
 ///
 /// `KEYS[1]`: the record. `ARGV`: owner token, replay TTL in milliseconds, head, and the
 /// body when there is one. Returns 1 when stored, 0 when the owner is stale.
+///
+/// `HDEL` comes first on purpose. Redis checks `maxmemory` only before a script's first
+/// write (Redis 7 scripts without flags), and `HDEL` needs no memory. So a full server
+/// still stores the response of a request that ran, past `maxmemory` by at most one
+/// response per claim, while `BEGIN` rejects new claims.
 const COMPLETE: &str = r"
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return 0

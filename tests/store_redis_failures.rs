@@ -1,9 +1,10 @@
-//! `IdempotencyLayer` with `RedisStore` through a Redis outage.
+//! `RedisStore` when its Redis fails: an outage under `IdempotencyLayer`, and a full
+//! server.
 //!
-//! The test starts its own `redis-server` on a free 127.0.0.1 port, kills it while
-//! requests flow and starts it again on the same port. It needs `redis-server` on `PATH`.
-//! Without it the test prints why it is skipped and passes, unless `REQUIRE_BACKENDS=1`
-//! is set.
+//! Each test starts its own `redis-server` on a free 127.0.0.1 port. The outage test
+//! kills it while requests flow and starts it again on the same port. The tests need
+//! `redis-server` on `PATH`. Without it they print why they are skipped and pass, unless
+//! `REQUIRE_BACKENDS=1` is set.
 #![cfg(feature = "redis")]
 
 use std::collections::HashSet;
@@ -26,8 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower_safe_retry::idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-use tower_safe_retry::{IdempotencyLayer, RedisStore};
+use tower_safe_retry::idempotency::store::{Begin, OwnerToken, RecordKey, StoredResponse};
+use tower_safe_retry::idempotency::{Fingerprint, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use tower_safe_retry::{IdempotencyLayer, IdempotencyStore, RedisStore};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -37,12 +39,13 @@ struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts `redis-server` on `port` without persistence and waits until it accepts
-    /// connections.
-    fn start(port: u16) -> RedisServer {
+    /// Starts `redis-server` on `port` without persistence, with `options` added to its
+    /// command line, and waits until it accepts connections.
+    fn start(port: u16, options: &[&str]) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -90,12 +93,12 @@ fn redis_server_available() -> bool {
         return true;
     }
     if std::env::var_os("REQUIRE_BACKENDS").is_some_and(|value| value == "1") {
-        panic!("redis-server is not on PATH, but REQUIRE_BACKENDS=1 requires the outage test");
+        panic!("redis-server is not on PATH, but REQUIRE_BACKENDS=1 requires these tests");
     }
     // Written to stderr directly, because the test harness captures `eprintln!`.
     let _ = writeln!(
         std::io::stderr(),
-        "skipped: redis-server is not on PATH, so the Redis outage test did not run"
+        "skipped: redis-server is not on PATH, so the Redis failure tests did not run"
     );
     false
 }
@@ -187,7 +190,7 @@ async fn outage_fails_closed_then_recovers() {
         return;
     }
     let port = free_port();
-    let redis = RedisServer::start(port);
+    let redis = RedisServer::start(port, &[]);
     let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
         .await
         .expect("failed to connect to the private redis-server");
@@ -218,7 +221,7 @@ async fn outage_fails_closed_then_recovers() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let restarted_redis = RedisServer::start(port);
+    let restarted_redis = RedisServer::start(port, &[]);
     let restarted = Instant::now();
 
     // Recovery: the connection manager reconnects on a later request, without a restart
@@ -334,4 +337,90 @@ async fn outage_fails_closed_then_recovers() {
         slowest.unwrap_or_default(),
         recovered - restarted
     );
+}
+
+#[tokio::test]
+async fn full_redis_rejects_claims_only() {
+    if !redis_server_available() {
+        return;
+    }
+    let port = free_port();
+    let _redis = RedisServer::start(
+        port,
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+    );
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .expect("failed to connect to the private redis-server");
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lock_ttl = Duration::from_secs(60);
+    let replay_ttl = Duration::from_secs(60);
+    let large = |byte: u8| StoredResponse {
+        status: StatusCode::CREATED,
+        headers: HeaderMap::new(),
+        body: Some(Bytes::from(vec![byte; 64 * 1024])),
+    };
+    let pending = RecordKey::new("scope", "pending");
+    let pending_owner = OwnerToken::generate();
+    let begin = store
+        .begin(&pending, &fingerprint, &pending_owner, lock_ttl)
+        .await;
+    assert!(matches!(begin, Ok(Begin::Claimed)), "{begin:?}");
+
+    // Fill the server with completed records until a claim fails.
+    let mut completed = Vec::new();
+    let error = loop {
+        assert!(
+            completed.len() < 1000,
+            "4 MiB of Redis took 1000 records of 64 KiB"
+        );
+        let key = RecordKey::new("scope", format!("fill-{}", completed.len()));
+        let owner = OwnerToken::generate();
+        match store.begin(&key, &fingerprint, &owner, lock_ttl).await {
+            Ok(Begin::Claimed) => {}
+            Ok(other) => panic!("expected Claimed, got {other:?}"),
+            Err(error) => break error,
+        }
+        store
+            .complete(&key, &owner, large(7), replay_ttl)
+            .await
+            .unwrap();
+        completed.push(key);
+    };
+    assert!(error.is_backend(), "{error}");
+    let source = std::error::Error::source(&error)
+        .expect("a source")
+        .to_string();
+    assert!(source.contains("OOM"), "{source}");
+    assert!(!completed.is_empty(), "the first claim already failed");
+
+    // A full server still replays, reports in-flight keys and stores a completion,
+    // because a completion's first write (HDEL) needs no memory.
+    let replay = store
+        .begin(
+            &completed[0],
+            &fingerprint,
+            &OwnerToken::generate(),
+            lock_ttl,
+        )
+        .await;
+    assert!(matches!(replay, Ok(Begin::Completed(_))), "{replay:?}");
+    let in_flight = store
+        .begin(&pending, &fingerprint, &OwnerToken::generate(), lock_ttl)
+        .await;
+    assert!(
+        matches!(in_flight, Ok(Begin::InFlight { .. })),
+        "{in_flight:?}"
+    );
+    store
+        .complete(&pending, &pending_owner, large(9), replay_ttl)
+        .await
+        .expect("complete on a full server failed");
+    match store
+        .begin(&pending, &fingerprint, &OwnerToken::generate(), lock_ttl)
+        .await
+    {
+        Ok(Begin::Completed(stored)) => assert_eq!(stored, large(9)),
+        other => panic!("expected Completed, got {other:?}"),
+    }
 }
