@@ -117,6 +117,43 @@ mod redis_store {
         let _: () = redis.del(&name).await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_share_claims() {
+        let Some(first) = redis_store().await else {
+            return;
+        };
+        // Four connections, as four server replicas would have.
+        let mut replicas = vec![first];
+        for _ in 0..3 {
+            replicas.push(redis_store().await.unwrap());
+        }
+        let key = unique_key();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+        let mut tasks = Vec::new();
+        for task in 0..100 {
+            let store = replicas[task % replicas.len()].clone();
+            let key = key.clone();
+            let barrier = std::sync::Arc::clone(&barrier);
+            tasks.push(tokio::spawn(async move {
+                let owner = OwnerToken::generate();
+                barrier.wait().await;
+                store
+                    .begin(&key, &fingerprint(1), &owner, LONG_LOCK_TTL)
+                    .await
+            }));
+        }
+
+        let mut claimed = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Begin::Claimed) => claimed += 1,
+                Ok(Begin::InFlight { .. }) => {}
+                other => panic!("expected Claimed or InFlight, got {other:?}"),
+            }
+        }
+        assert_eq!(claimed, 1);
+    }
+
     #[tokio::test]
     async fn prefixes_isolated() {
         let Some(store) = redis_store().await else {
