@@ -12,6 +12,8 @@
 //! `(scope, key)` and checks the owner in the `WHERE` clause of an `UPDATE` or `DELETE`.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::error::Error;
 use std::fmt;
@@ -25,6 +27,9 @@ use super::Fingerprint;
 use crate::BoxError;
 
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisStore;
 
 /// Storage for idempotency records, shared by every replica of a server.
 ///
