@@ -94,6 +94,9 @@ mod retry_after;
 /// The boxed error type the retry layer returns, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::idempotency::store::PostgresStore;
 pub use crate::idempotency::{
     IdempotencyKeyLayer, IdempotencyLayer, IdempotencyStore, MemoryStore,
 };

@@ -12,6 +12,8 @@
 //! `(scope, key)` and checks the owner in the `WHERE` clause of an `UPDATE` or `DELETE`.
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 
 use std::error::Error;
 use std::fmt;
@@ -25,6 +27,12 @@ use super::Fingerprint;
 use crate::BoxError;
 
 pub use self::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::PostgresStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
 
 /// Storage for idempotency records, shared by every replica of a server.
 ///
