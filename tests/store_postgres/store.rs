@@ -323,7 +323,7 @@ async fn expired_claim_still_owned() {
     claim(store, &key("k"), &owner, SHORT_TTL).await;
     tokio::time::sleep(PAST_SHORT_TTL).await;
 
-    // Nobody took the key over, so the slow owner may still complete it.
+    // No other request took the key over, so the slow owner may still complete it.
     store
         .complete(&key("k"), &owner, response(b"slow"), REPLAY_TTL)
         .await

@@ -152,16 +152,17 @@ impl PostgresStore {
     ///
     /// # Panics
     ///
-    /// If a part of `name` is empty, contains anything but lowercase ASCII letters, digits
-    /// and underscores, starts with a digit, or is too long (63 bytes for the schema, 52
-    /// for the table, so that the name of its index fits).
+    /// If a part of `name` is empty, starts with a digit, or contains anything but
+    /// lowercase ASCII letters, digits and underscores. Also if a part is too long: the
+    /// maximum is 63 bytes for the schema and 52 for the table, so that the name of the
+    /// table's index fits.
     pub fn table(mut self, name: &str) -> Self {
         let statements = Statements::new(name).unwrap_or_else(|message| panic!("{message}"));
         self.statements = Arc::new(statements);
         self
     }
 
-    /// The pool the store takes connections from.
+    /// Returns the pool the store takes connections from.
     pub fn pool(&self) -> &Pool {
         &self.pool
     }

@@ -18,7 +18,7 @@ use crate::idempotency::store::{
 };
 
 /// How many times [`PostgresStore::begin`] tries to claim a key or read the row that
-/// holds it before it gives up.
+/// blocks the claim before it gives up.
 ///
 /// Another round is needed only when the row that blocked the claim is deleted or expires
 /// before the read that follows, so a second round almost always settles it.

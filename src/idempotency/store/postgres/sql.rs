@@ -4,8 +4,8 @@
 //! replicas whose clocks disagree still agree on when a lease or a replay record expires.
 //! TTLs are bound as whole microseconds (`$n::bigint * interval '1 microsecond'`).
 
-/// The longest table name, so that the index name `<table>_expires_at` fits PostgreSQL's
-/// 63-byte identifier limit.
+/// The maximum table name length in bytes, so that the index name `<table>_expires_at`
+/// fits PostgreSQL's 63-byte identifier limit.
 const MAX_TABLE_NAME: usize = 63 - "_expires_at".len();
 
 /// The statements for one table.
@@ -46,8 +46,8 @@ impl Statements {
         validate_identifier(table, MAX_TABLE_NAME)?;
 
         // Both parts contain only lowercase letters, digits and underscores, so quoting
-        // them cannot change their meaning; it only lets a reserved word such as `user`
-        // be a table name.
+        // cannot change their meaning. It only lets a reserved word such as `user` be a
+        // table name.
         let qualified = match schema {
             Some(schema) => format!("\"{schema}\".\"{table}\""),
             None => format!("\"{table}\""),
@@ -97,9 +97,9 @@ fn validate_identifier(name: &str, max_len: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// The table. `owner` is kept after completion for inspection, but only a row in the
-/// `in_flight` state belongs to its owner. A completed row with a NULL `body` completed
-/// without a replayable body.
+/// Returns the `CREATE TABLE` statement. `owner` is kept after completion for inspection,
+/// but only a row in the `in_flight` state belongs to its owner. A completed row with a
+/// NULL `body` completed without a replayable body.
 fn create_table(table: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
@@ -123,9 +123,9 @@ fn create_table(table: &str) -> String {
 /// Why exactly one of N concurrent claimers of a key wins, under READ COMMITTED:
 ///
 /// - Absent key: each `INSERT` first inserts into the primary key index speculatively.
-///   One succeeds; the others find its uncommitted entry and wait for its transaction.
-///   When it commits, each waiter sees the conflict, locks the committed row and
-///   evaluates the `DO UPDATE ... WHERE` against that row. Its `expires_at` lies in the
+///   One succeeds, and the others find its uncommitted entry and wait for its
+///   transaction. When it commits, each waiter detects the conflict, locks the committed
+///   row and evaluates the `DO UPDATE ... WHERE` against that row. Its `expires_at` lies in the
 ///   future, so the condition is false, nothing is updated and nothing is returned. If
 ///   the first inserter rolls back instead, the waiters retry their insertion and one of
 ///   them wins in the same way.
@@ -139,6 +139,12 @@ fn create_table(table: &str) -> String {
 ///
 /// A TTL of zero makes a claim that is expired at once, and the next claimer may take it
 /// over, as a lease that already ran out should allow.
+///
+/// Sources: the PostgreSQL documentation on Read Committed isolation, which says that an
+/// `INSERT ... ON CONFLICT DO UPDATE` updates a conflicting row even when no version of
+/// it is visible to the command, and the isolation test
+/// `src/test/isolation/specs/insert-conflict-do-update-3.spec` in the PostgreSQL source,
+/// which states that the `WHERE` is evaluated once, on the locked newest version.
 fn claim(table: &str) -> String {
     format!(
         "INSERT INTO {table} AS r (scope, key, fingerprint, owner, state, expires_at)
@@ -160,7 +166,7 @@ fn claim(table: &str) -> String {
 /// expires (zero or less once it has).
 ///
 /// This runs as its own statement because a statement under READ COMMITTED reads from a
-/// snapshot taken when it starts: a `SELECT` inside the claiming statement could miss a
+/// snapshot taken when it starts. A `SELECT` inside the claiming statement could miss a
 /// row that a concurrent transaction committed while the claim waited for it.
 fn read(table: &str) -> String {
     format!(
@@ -172,7 +178,7 @@ fn read(table: &str) -> String {
 }
 
 /// Stores the response if the claim is still in flight for the owner. An expired claim
-/// that nobody took over still belongs to its owner, as in `MemoryStore`.
+/// that no other request took over still belongs to its owner, as in `MemoryStore`.
 fn complete(table: &str) -> String {
     format!(
         "UPDATE {table}
@@ -184,8 +190,8 @@ fn complete(table: &str) -> String {
 
 /// Deletes up to `$1` expired rows.
 ///
-/// `FOR UPDATE SKIP LOCKED` passes over rows that a claim or a completion holds, so a
-/// sweep never waits for a request. Under READ COMMITTED, locking a row that changed
+/// `FOR UPDATE SKIP LOCKED` passes over rows that a claim or a completion has locked, so
+/// a sweep does not wait for the row locks of requests. Under READ COMMITTED, locking a row that changed
 /// since the snapshot re-checks `expires_at` on its newest version, so a row that a
 /// takeover just renewed is not deleted.
 fn sweep(table: &str) -> String {
