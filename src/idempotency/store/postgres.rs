@@ -63,6 +63,10 @@ use self::sql::Statements;
 /// - Durability. A completed record lasts as long as a committed row does, so it outlives
 ///   restarts of the servers.
 ///
+/// The claim relies on READ COMMITTED, PostgreSQL's default isolation level. On
+/// connections set to REPEATABLE READ or SERIALIZABLE, a claim that races another can
+/// fail with a serialization error, which the store returns as a backend error.
+///
 /// The store does not join a handler's transaction. It commits the completion in its own
 /// statement after the handler returns, and there is no API yet to write a handler's
 /// effect and the completion in one transaction. A crash or a lost connection between the
@@ -93,8 +97,8 @@ pub struct PostgresStore {
     statements: Arc<Statements>,
 }
 
-/// Rows deleted per statement by [`PostgresStore::sweep`], so that one sweep never holds
-/// locks on a large part of the table at once.
+/// Rows deleted per statement by [`PostgresStore::sweep`], so that a sweep locks at most
+/// this many rows at a time.
 const SWEEP_BATCH: i64 = 1000;
 
 /// The pool's time limits for a new connection, a free connection and a health check.
@@ -108,8 +112,9 @@ impl PostgresStore {
     /// `url`, and checks that one connection can be opened.
     ///
     /// `url` is a libpq connection string, as a URL (`postgres://user@host/db`) or in
-    /// key-value form. The pool has deadpool's default size (four connections per CPU)
-    /// and waits at most 5 seconds to open or hand out a connection. For TLS or other
+    /// key-value form. The pool has deadpool's default size (in deadpool 0.13, two
+    /// connections per logical CPU) and waits at most 5 seconds to open or hand out a
+    /// connection. For TLS or other
     /// settings, build a [`Pool`] and use [`from_pool`](Self::from_pool).
     ///
     /// # Errors
@@ -202,7 +207,7 @@ impl PostgresStore {
     }
 
     /// Deletes every row that expired, in batches of 1,000, and returns how many it
-    /// deleted. Skips rows that a request holds locked at that moment.
+    /// deleted. Skips rows that a request has locked at that moment.
     ///
     /// # Errors
     ///
