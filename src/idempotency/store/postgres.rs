@@ -9,6 +9,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::StoreError;
+#[cfg(doc)]
+use super::{Begin, IdempotencyStore, OwnerToken};
 
 mod headers;
 mod records;
