@@ -97,6 +97,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::idempotency::store::RedisStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use crate::idempotency::store::PostgresStore;
 pub use crate::idempotency::{
     IdempotencyKeyLayer, IdempotencyLayer, IdempotencyStore, MemoryStore,
 };
