@@ -94,12 +94,12 @@ mod retry_after;
 /// The boxed error type the retry layer returns, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use crate::idempotency::store::RedisStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::idempotency::store::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::idempotency::store::RedisStore;
 pub use crate::idempotency::{
     IdempotencyKeyLayer, IdempotencyLayer, IdempotencyStore, MemoryStore,
 };

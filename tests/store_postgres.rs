@@ -32,3 +32,29 @@ fn postgres_feature_off() {
          run cargo test --features postgres"
     );
 }
+
+#[cfg(feature = "postgres")]
+mod conformance;
+
+/// The store conformance suite, on one shared table: every case uses random keys.
+#[cfg(feature = "postgres")]
+mod postgres_conformance {
+    use tower_safe_retry::PostgresStore;
+
+    use crate::support;
+
+    /// Returns a store on the conformance table, or `None` when the tests are skipped.
+    pub(crate) async fn postgres_store() -> Option<PostgresStore> {
+        let url = support::database_url()?;
+        let store = support::connect(&url)
+            .await
+            .table("idempotency_conformance");
+        store
+            .migrate()
+            .await
+            .expect("failed to create the conformance table");
+        Some(store)
+    }
+
+    crate::conformance::store_tests!(postgres_store);
+}

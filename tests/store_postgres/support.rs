@@ -185,7 +185,7 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", &id[..12])
 }
 
-async fn connect(url: &str) -> PostgresStore {
+pub async fn connect(url: &str) -> PostgresStore {
     match PostgresStore::connect(url).await {
         Ok(store) => store,
         Err(error) => panic!(

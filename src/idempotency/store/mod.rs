@@ -12,10 +12,10 @@
 //! `(scope, key)` and checks the owner in the `WHERE` clause of an `UPDATE` or `DELETE`.
 
 mod memory;
-#[cfg(feature = "redis")]
-mod redis;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::error::Error;
 use std::fmt;
@@ -29,12 +29,12 @@ use super::Fingerprint;
 use crate::BoxError;
 
 pub use self::memory::MemoryStore;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::RedisStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use self::postgres::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use deadpool_postgres;
