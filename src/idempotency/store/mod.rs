@@ -7,8 +7,8 @@
 //! key runs again. A claim whose lease expired may be taken over by a new owner.
 //!
 //! Every operation must be atomic per key. The trait is shaped for backends that can do
-//! that in one round trip: Redis claims with `SET key value NX PX ttl` and checks the
-//! owner in a Lua script; PostgreSQL claims with `INSERT ... ON CONFLICT` on a unique
+//! that in one round trip: Redis claims, completes and releases in Lua scripts that check
+//! the owner token; PostgreSQL claims with `INSERT ... ON CONFLICT` on a unique
 //! `(scope, key)` and checks the owner in the `WHERE` clause of an `UPDATE` or `DELETE`.
 
 mod memory;

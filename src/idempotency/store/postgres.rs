@@ -80,9 +80,10 @@ use self::sql::Statements;
 ///
 /// # TTLs
 ///
-/// The lock TTL should exceed the slowest handler's run time with a margin, because a
-/// duplicate that arrives after the lease expires takes the key over and runs the handler
-/// a second time. Handlers that may run longer should renew their lease. The replay TTL
+/// [`IdempotencyLayer`](crate::IdempotencyLayer) renews the lease every third of the lock
+/// TTL while the handler runs, so the lock TTL bounds how long a key stays locked after
+/// its server died. A duplicate that arrives after a lease expired unrenewed takes the key
+/// over and runs the handler a second time. The replay TTL
 /// should cover the longest time a client keeps retrying one request; 24 hours is the
 /// common choice. Each TTL is capped at 30 years.
 ///

@@ -50,10 +50,10 @@ mod scripts;
 ///
 /// # Sizing the TTLs
 ///
-/// Make the lock TTL longer than the slowest handler, because a duplicate that arrives
-/// after the lease expired runs the request again, and [`IdempotencyLayer`] does not
-/// renew leases. Make the replay
-/// TTL longer than the longest time over which clients retry. Memory is about the replay
+/// [`IdempotencyLayer`] renews the lease every third of the lock TTL while the handler
+/// runs, so the lock TTL bounds how long a key stays locked after its server died, not how
+/// long a handler may run. Make it a few times longer than a slow round trip to Redis.
+/// Make the replay TTL longer than the longest time over which clients retry. Memory is about the replay
 /// TTL times the rate of keyed requests times the size of a record (key, headers and
 /// body), plus Redis's own overhead per key.
 ///
