@@ -5,10 +5,13 @@
 //! ```text
 //! cargo run --release --example checkout -- [--orders N] [--fault-rate F] [--seed S]
 //!                                           [--concurrency C] [--replicas R] [--json]
+//!                                           [--redis URL]
 //! ```
 //!
 //! With `--replicas R`, the provider runs R replicas behind a round-robin TCP proxy,
-//! sharing one idempotency store, as a service behind a load balancer does.
+//! sharing one idempotency store, as a service behind a load balancer does. With
+//! `--redis URL` (build with `--features redis`), that store is a `RedisStore` on the
+//! Redis at URL instead of one `MemoryStore`.
 //!
 //! Everything runs on 127.0.0.1 with ephemeral ports. The provider is an axum service
 //! behind `IdempotencyLayer` that keeps a ledger of charges. In front of it, a fault
@@ -64,6 +67,7 @@ struct Options {
     seed: u64,
     concurrency: usize,
     replicas: usize,
+    redis: Option<String>,
     json: bool,
 }
 
@@ -75,6 +79,7 @@ impl Options {
             seed: 7,
             concurrency: 32,
             replicas: 1,
+            redis: None,
             json: false,
         };
         let mut args = std::env::args().skip(1);
@@ -86,6 +91,7 @@ impl Options {
                 "--seed" => options.seed = parse_flag(&flag, &value()?)?,
                 "--concurrency" => options.concurrency = parse_flag(&flag, &value()?)?,
                 "--replicas" => options.replicas = parse_flag(&flag, &value()?)?,
+                "--redis" => options.redis = Some(value()?),
                 "--json" => options.json = true,
                 "--help" | "-h" => return Err(USAGE.to_owned()),
                 other => return Err(format!("unknown flag {other}\n{USAGE}")),
@@ -101,12 +107,17 @@ impl Options {
         if options.orders == 0 || options.concurrency == 0 || options.replicas == 0 {
             return Err("--orders, --concurrency and --replicas must be at least 1".to_owned());
         }
+        if options.redis.is_some() && !cfg!(feature = "redis") {
+            return Err("--redis needs the redis feature: cargo run --release --example \
+                        checkout --features redis -- --redis URL"
+                .to_owned());
+        }
         Ok(options)
     }
 }
 
 const USAGE: &str = "usage: checkout [--orders N (1000)] [--fault-rate F (0.2)] [--seed S (7)] \
-                     [--concurrency C (32)] [--replicas R (1)] [--json]";
+                     [--concurrency C (32)] [--replicas R (1)] [--redis URL] [--json]";
 
 fn parse_flag<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
     value
@@ -202,8 +213,27 @@ async fn charge(
 
 /// Serves `replicas` replicas of the provider, sharing one idempotency store, behind a
 /// round-robin proxy, and returns the address clients connect to.
-async fn start_provider(provider: Arc<Provider>, replicas: usize) -> SocketAddr {
-    let store = MemoryStore::new();
+async fn start_provider(provider: Arc<Provider>, options: &Options) -> SocketAddr {
+    #[cfg(feature = "redis")]
+    if let Some(url) = &options.redis {
+        let store = match tower_safe_retry::RedisStore::connect(url).await {
+            Ok(store) => store,
+            Err(error) => {
+                eprintln!("checkout: failed to connect to Redis at {url}: {error}");
+                std::process::exit(1);
+            }
+        };
+        // A prefix per run keeps the records of earlier runs out of this one.
+        let prefix = format!("checkout-{}", uuid::Uuid::new_v4());
+        return start_replicas(provider, store.prefix(prefix), options.replicas).await;
+    }
+    start_replicas(provider, MemoryStore::new(), options.replicas).await
+}
+
+async fn start_replicas<St>(provider: Arc<Provider>, store: St, replicas: usize) -> SocketAddr
+where
+    St: tower_safe_retry::IdempotencyStore + Clone,
+{
     let mut backends = Vec::with_capacity(replicas);
     for _ in 0..replicas {
         backends.push(start_replica(Arc::clone(&provider), store.clone()).await);
@@ -430,7 +460,7 @@ async fn run(name: &'static str, options: &Options) -> RunResult {
         fault_rate: options.fault_rate,
         ..Provider::default()
     });
-    let addr = start_provider(Arc::clone(&provider), options.replicas).await;
+    let addr = start_provider(Arc::clone(&provider), options).await;
     let client: HyperClient = Client::builder(TokioExecutor::new()).build_http();
     let checkout = match name {
         "no_retries" => no_retries(client),
@@ -538,8 +568,13 @@ async fn main() -> ExitCode {
 
     if !options.json {
         println!(
-            "checkout: {} orders, fault rate {}, seed {}, concurrency {}, replicas {}\n",
-            options.orders, options.fault_rate, options.seed, options.concurrency, options.replicas
+            "checkout: {} orders, fault rate {}, seed {}, concurrency {}, replicas {}, store {}\n",
+            options.orders,
+            options.fault_rate,
+            options.seed,
+            options.concurrency,
+            options.replicas,
+            options.redis.as_deref().unwrap_or("memory"),
         );
     }
 
