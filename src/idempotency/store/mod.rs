@@ -10,6 +10,29 @@
 //! that in one round trip: Redis claims, completes and releases in Lua scripts that check
 //! the owner token; PostgreSQL claims with `INSERT ... ON CONFLICT` on a unique
 //! `(scope, key)` and checks the owner in the `WHERE` clause of an `UPDATE` or `DELETE`.
+//!
+//! # Choosing a store
+//!
+//! | store | shared by replicas | survives a restart | what can still go wrong |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | no, one process | no | a restarted process forgets every key, so a retry after a restart runs again |
+//! | `RedisStore` (feature `redis`) | yes | with Redis persistence | a failover to a replica that had not yet received a claim (replication is asynchronous) lets a duplicate run; an eviction policy other than `noeviction` can drop records |
+//! | `PostgresStore` (feature `postgres`) | yes | yes | a crash between the handler's effect and the completion lets a retry run again once the lease expires |
+//!
+//! For money, PostgreSQL in the same database as the effect is the strongest of the
+//! three, because a synchronous commit does not lose a claim on failover. Redis is
+//! the fastest shared store (one round trip for a replay, two for a first execution).
+//! The memory store suits a single process and tests.
+//!
+//! # Sizing the TTLs
+//!
+//! - **Lock TTL** (default 60 s): how long a claim holds after its server stops renewing
+//!   it. The layer renews it every third of the TTL while the handler runs, so it need not
+//!   cover the slowest handler; it is the time a key stays locked after a crash, during
+//!   which retries get `409`. Keep it well above a slow round trip to the store.
+//! - **Replay TTL** (default 24 h): how long a response is replayed. It must exceed the
+//!   longest time a client keeps retrying one logical request, or a late retry runs again.
+//!   The store holds about `replay TTL × keyed requests per second × record size`.
 
 mod memory;
 #[cfg(feature = "postgres")]
