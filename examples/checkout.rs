@@ -74,10 +74,7 @@ impl Options {
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .ok_or_else(|| format!("{flag} needs a value"))
-            };
+            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
                 "--orders" => options.orders = parse_flag(&flag, &value()?)?,
                 "--fault-rate" => options.fault_rate = parse_flag(&flag, &value()?)?,
@@ -137,7 +134,8 @@ impl Provider {
     /// Picks the fault for the `arrival`-th request of `order`, from the seed alone.
     fn fault(&self, order: u64, arrival: u32) -> Option<Fault> {
         let draw = splitmix64(
-            self.seed ^ order.wrapping_mul(0xA24B_AED4_963E_E407)
+            self.seed
+                ^ order.wrapping_mul(0xA24B_AED4_963E_E407)
                 ^ u64::from(arrival).wrapping_mul(0x9FB2_1C65_1E98_DF25),
         );
         let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
@@ -298,7 +296,9 @@ fn no_retries(client: HyperClient) -> Checkout {
 fn naive_retries(client: HyperClient) -> Checkout {
     let service = ServiceBuilder::new()
         .layer(RetryMetricsLayer::new("naive_retries"))
-        .layer(tower::retry::RetryLayer::new(NaivePolicy { attempts_left: 2 }))
+        .layer(tower::retry::RetryLayer::new(NaivePolicy {
+            attempts_left: 2,
+        }))
         .layer(tower::timeout::TimeoutLayer::new(ATTEMPT_TIMEOUT))
         .service(client)
         .map_err(BoxError::from);
@@ -488,7 +488,9 @@ async fn main() -> ExitCode {
 
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    recorder.install().expect("no other metrics recorder is installed");
+    recorder
+        .install()
+        .expect("no other metrics recorder is installed");
 
     if !options.json {
         println!(
