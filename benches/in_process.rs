@@ -1,4 +1,4 @@
-//! In-process cost of a retry layer around a service that answers at once.
+//! In-process cost of a retry layer around a service that responds at once.
 //!
 //! Two groups, each with the same peers: `happy_path` (the first attempt succeeds) and
 //! `two_failures` (two `503` responses, then a `200`, with zero delay between attempts).
@@ -74,12 +74,13 @@ fn response(status: StatusCode) -> Res {
     response
 }
 
-/// A service that returns a ready `200` without allocating.
+/// Builds a service that returns a ready `200` without allocating.
 fn ok_service() -> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone {
     service_fn(|_request: Req| ready(Ok(response(StatusCode::OK))))
 }
 
-/// A service whose calls go `503`, `503`, `200` in turn, and the counter of its calls.
+/// Builds a service whose calls return `503`, `503`, `200` in turn, and the counter of its
+/// calls.
 fn flaky_service() -> (
     impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone,
     Arc<AtomicUsize>,
@@ -143,7 +144,7 @@ fn safe_retry_policy(max_attempts: u32, budget: Option<RetryBudget>) -> RetryPol
     builder.build().expect("a valid policy")
 }
 
-/// Returns the requests of one logical call: a `GET`, or a `POST` when `post` is true.
+/// Builds the request of one logical call: a `GET`, or a `POST` when `post` is true.
 fn request(post: bool) -> Req {
     let mut request = get_request(URI);
     if post {

@@ -16,7 +16,7 @@ use tokio::time::Sleep;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 
-/// Whether the binary runs under `cargo bench` (full runs) rather than
+/// Returns whether the binary runs under `cargo bench` (full runs) rather than
 /// `cargo test --benches` (one short pass to show that it works).
 pub fn is_bench_run() -> bool {
     std::env::args().any(|argument| argument == "--bench")
@@ -41,7 +41,7 @@ pub enum Deposit {
     PerRequest,
 }
 
-/// How a tower [`Policy`] waits before a retry.
+/// The wait of a tower [`Policy`] before a retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
     /// `std::future::ready(())`: no wait and no timer.
@@ -122,7 +122,7 @@ impl<B: Clone, ResB, E> Policy<Request<B>, Response<ResB>, E> for TowerPolicy {
     }
 }
 
-/// A `GET` with an empty body and a static URI, so that building it does not allocate.
+/// Builds a `GET` with an empty body and a static URI, so that building it does not allocate.
 pub fn get_request(uri: &'static str) -> Request<Full<Bytes>> {
     Request::get(http::Uri::from_static(uri))
         .body(Full::new(Bytes::new()))
