@@ -167,6 +167,10 @@ where
 
 /// Prints the heap allocations of one call of `service`, averaged over many calls after a
 /// warm-up, and checks that each call returns `200`.
+///
+/// Kept out of line so that `valgrind --tool=callgrind` can count the instructions of
+/// each case's calls (see BENCHMARKS.md).
+#[inline(never)]
 fn print_allocations<S>(runtime: &Runtime, name: &str, service: &mut S, post: bool)
 where
     S: Service<Req, Response = Res>,

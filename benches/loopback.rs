@@ -72,6 +72,7 @@ impl Load {
 enum Client {
     HyperBare(HyperClient),
     HyperTowerRetry(TowerRetry<TowerPolicy, HyperClient>),
+    HyperRetryLayer(Retry<HyperClient>),
     HyperFullStack(FullStack),
     ReqwestBare(reqwest::Client),
     ReqwestRetry(reqwest_middleware::ClientWithMiddleware),
@@ -82,6 +83,7 @@ impl Client {
         match self {
             Client::HyperBare(_) => "hyper-util legacy client",
             Client::HyperTowerRetry(_) => "hyper-util + tower Retry",
+            Client::HyperRetryLayer(_) => "hyper-util + RetryLayer",
             Client::HyperFullStack(_) => "hyper-util + metrics + key + RetryLayer",
             Client::ReqwestBare(_) => "reqwest",
             Client::ReqwestRetry(_) => "reqwest + reqwest-retry",
@@ -91,14 +93,20 @@ impl Client {
     /// Returns the index of this case's bare client in [`Client::all`].
     fn baseline(&self) -> usize {
         match self {
-            Client::HyperBare(_) | Client::HyperTowerRetry(_) | Client::HyperFullStack(_) => 0,
-            Client::ReqwestBare(_) | Client::ReqwestRetry(_) => 3,
+            Client::HyperBare(_)
+            | Client::HyperTowerRetry(_)
+            | Client::HyperRetryLayer(_)
+            | Client::HyperFullStack(_) => 0,
+            Client::ReqwestBare(_) | Client::ReqwestRetry(_) => 4,
         }
     }
 
     fn all() -> Vec<Client> {
         let hyper = LegacyClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let tower_retry = TowerRetry::new(TowerPolicy::new(3, Wait::Ready), hyper.clone());
+        let retry_layer = ServiceBuilder::new()
+            .layer(RetryLayer::new(RetryPolicy::http()))
+            .service(hyper.clone());
         let full_stack = ServiceBuilder::new()
             .layer(RetryMetricsLayer::new("bench"))
             .layer(IdempotencyKeyLayer::new())
@@ -114,6 +122,7 @@ impl Client {
         vec![
             Client::HyperBare(hyper),
             Client::HyperTowerRetry(tower_retry),
+            Client::HyperRetryLayer(retry_layer),
             Client::HyperFullStack(full_stack),
             Client::ReqwestBare(reqwest),
             Client::ReqwestRetry(reqwest_retry),
@@ -133,6 +142,10 @@ impl Client {
                 read_hyper(response).await
             }
             Client::HyperTowerRetry(client) => {
+                let response = client.clone().oneshot(request()).await.expect("a response");
+                read_hyper(response).await
+            }
+            Client::HyperRetryLayer(client) => {
                 let response = client.clone().oneshot(request()).await.expect("a response");
                 read_hyper(response).await
             }
@@ -356,7 +369,7 @@ fn main() {
     }
 
     let full_stack = ratio(
-        results[2].cpu_per_request.as_secs_f64(),
+        results[3].cpu_per_request.as_secs_f64(),
         results[0].cpu_per_request.as_secs_f64(),
     );
     let verdict = if full_stack <= 1.03 { "met" } else { "missed" };
