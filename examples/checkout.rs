@@ -108,9 +108,11 @@ impl Options {
             return Err("--orders, --concurrency and --replicas must be at least 1".to_owned());
         }
         if options.redis.is_some() && !cfg!(feature = "redis") {
-            return Err("--redis needs the redis feature: cargo run --release --example \
+            return Err(
+                "--redis needs the redis feature: cargo run --release --example \
                         checkout --features redis -- --redis URL"
-                .to_owned());
+                    .to_owned(),
+            );
         }
         Ok(options)
     }

@@ -66,10 +66,10 @@ impl IdempotencyStore for PostgresStore {
                 .query_opt(&read, &[&key.scope(), &key.key()])
                 .await
                 .map_err(StoreError::backend)?;
-            if let Some(row) = row {
-                if let Some(begin) = existing(&row, fingerprint)? {
-                    return Ok(begin);
-                }
+            if let Some(row) = row
+                && let Some(begin) = existing(&row, fingerprint)?
+            {
+                return Ok(begin);
             }
             // The row was deleted or expired after the claim saw it, so claim again.
         }
