@@ -40,10 +40,8 @@ pin_project! {
         policy: Arc<RetryPolicy<C, R>>,
         // What later attempts are made from.
         source: Option<R::Source>,
-        // The next attempt, made when a retry is planned.
-        next: Option<R::Attempt>,
-        // The outcome of the previous attempt, returned if no further attempt is made.
-        last: Option<Result<S::Response, BoxError>>,
+        // Boxed and made on the first retry, so a request that succeeds at once is small.
+        retrying: Option<Box<Retrying<R::Attempt, S::Response>>>,
         attempts: u32,
         max_attempts: u32,
         idempotent: bool,
@@ -51,9 +49,17 @@ pin_project! {
         deadline: Option<Instant>,
         attempt_started: Option<Instant>,
         observer: Option<AttemptObserver>,
-        rng: Option<Rng>,
-        previous_delay: Duration,
     }
+}
+
+/// The state of a request that is being retried.
+struct Retrying<A, T> {
+    /// The next attempt, made when the retry was planned.
+    next: Option<A>,
+    /// The outcome of the previous attempt, returned if no further attempt is made.
+    last: Option<Result<T, BoxError>>,
+    rng: Rng,
+    previous_delay: Duration,
 }
 
 pin_project! {
@@ -92,8 +98,7 @@ where
             service,
             policy,
             source,
-            next: None,
-            last: None,
+            retrying: None,
             attempts: 1,
             max_attempts: setup.max_attempts,
             idempotent: setup.idempotent,
@@ -101,8 +106,6 @@ where
             deadline,
             attempt_started: setup.observer.as_ref().and(now),
             observer: setup.observer,
-            rng: None,
-            previous_delay: Duration::ZERO,
         }
     }
 }
@@ -191,6 +194,10 @@ where
                     {
                         observer.attempt(decision, started.elapsed());
                     }
+                    if !matches!(decision, Decision::Retry { .. }) {
+                        finish(decision, None, *this.attempts, this.observer);
+                        return Poll::Ready(outcome);
+                    }
 
                     // A key added below this layer makes the request idempotent too.
                     let idempotent =
@@ -203,17 +210,17 @@ where
                         idempotent,
                         this.source.as_ref(),
                         *this.deadline,
-                        this.rng,
-                        *this.previous_delay,
+                        this.retrying,
                     );
-                    let (delay, source, next) = match plan {
+                    let (delay, source, retrying) = match plan {
                         Ok(plan) => plan,
                         Err(suppressed) => {
                             finish(decision, suppressed, *this.attempts, this.observer);
                             return Poll::Ready(outcome);
                         }
                     };
-                    *this.next = Some(next);
+                    retrying.previous_delay = delay;
+                    retrying.last = Some(outcome);
 
                     let reason = decision.reason().map_or("none", |reason| reason.as_str());
                     tracing::debug!(attempt = *this.attempts, reason, ?delay, "retrying request");
@@ -229,8 +236,6 @@ where
                     if let Some(observer) = this.observer {
                         observer.backoff(delay, source);
                     }
-                    *this.previous_delay = delay;
-                    *this.last = Some(outcome);
 
                     if delay.is_zero() {
                         // A zero delay skips the timer, which would round it up to a tick.
@@ -265,13 +270,14 @@ where
                                 "request deadline passed while waiting for the service to be ready"
                             );
                             this.state.set(State::Done);
-                            return Poll::Ready(take_last(this.last));
+                            return Poll::Ready(take_last(this.retrying));
                         }
                     }
 
                     let mut request = this
-                        .next
-                        .take()
+                        .retrying
+                        .as_mut()
+                        .and_then(|retrying| retrying.next.take())
                         .expect("the ready state is only entered with a planned attempt");
                     *this.attempts += 1;
                     this.policy.stamp(&mut request, *this.attempts);
@@ -302,18 +308,24 @@ where
 }
 
 /// Takes the outcome kept from the previous attempt.
-fn take_last<T>(last: &mut Option<Result<T, BoxError>>) -> Result<T, BoxError> {
-    last.take()
+fn take_last<A, T>(retrying: &mut Option<Box<Retrying<A, T>>>) -> Result<T, BoxError> {
+    retrying
+        .as_mut()
+        .and_then(|retrying| retrying.last.take())
         .expect("the ready state is only entered after an attempt")
 }
 
-/// Decides whether another attempt follows, after what delay, and makes it; or returns
-/// why not.
+/// A planned retry: the delay, where it came from, and the retry state with the next
+/// attempt in it.
+type Planned<'a, A, T> = (Duration, BackoffSource, &'a mut Retrying<A, T>);
+
+/// Decides whether another attempt follows, after what delay, and makes it into the
+/// retry state; or returns why not.
 ///
 /// `Err(None)` means the classifier did not ask for a retry; `Err(Some(reason))` means it
 /// did and the layer declined.
 #[allow(clippy::too_many_arguments)]
-fn plan_retry<Req, C, R: Replay<Req>>(
+fn plan_retry<'a, Req, T, C, R: Replay<Req>>(
     decision: Decision,
     policy: &RetryPolicy<C, R>,
     attempts: u32,
@@ -321,9 +333,8 @@ fn plan_retry<Req, C, R: Replay<Req>>(
     idempotent: bool,
     source: Option<&R::Source>,
     deadline: Option<Instant>,
-    rng: &mut Option<Rng>,
-    previous_delay: Duration,
-) -> Result<(Duration, BackoffSource, R::Attempt), Option<SuppressReason>> {
+    retrying: &'a mut Option<Box<Retrying<R::Attempt, T>>>,
+) -> Result<Planned<'a, R::Attempt, T>, Option<SuppressReason>> {
     let Decision::Retry { reason, after } = decision else {
         return Err(None);
     };
@@ -338,8 +349,17 @@ fn plan_retry<Req, C, R: Replay<Req>>(
         return Err(Some(SuppressReason::RetryAfter));
     }
 
-    let rng = rng.get_or_insert_with(|| policy.rng());
-    let planned = policy.backoff.delay(attempts, previous_delay, rng);
+    let retrying = retrying.get_or_insert_with(|| {
+        Box::new(Retrying {
+            next: None,
+            last: None,
+            rng: policy.rng(),
+            previous_delay: Duration::ZERO,
+        })
+    });
+    let planned = policy
+        .backoff
+        .delay(attempts, retrying.previous_delay, &mut retrying.rng);
     let (delay, origin) = match after {
         Some(after) if after >= planned => (after, BackoffSource::RetryAfter),
         _ => (planned, BackoffSource::Policy),
@@ -358,7 +378,8 @@ fn plan_retry<Req, C, R: Replay<Req>>(
     {
         return Err(Some(SuppressReason::Budget));
     }
-    Ok((delay, origin, next))
+    retrying.next = Some(next);
+    Ok((delay, origin, retrying))
 }
 
 /// Records and logs the end of a logical request that is not retried further.
