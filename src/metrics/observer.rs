@@ -35,10 +35,16 @@ impl AttemptObserver {
     /// extensions: a retry layer whose `call` runs inside picks it up with
     /// [`current`](Self::current).
     pub(crate) fn observe<T>(&self, call: impl FnOnce() -> T) -> T {
-        let outer = CURRENT.replace(Some(self.clone()));
-        let result = call();
-        CURRENT.set(outer);
-        result
+        /// Restores the previous observer, also when `call` panics.
+        struct Restore(Option<AttemptObserver>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.set(self.0.take());
+            }
+        }
+
+        let _restore = Restore(CURRENT.replace(Some(self.clone())));
+        call()
     }
 
     /// The observer of the metrics layer whose `call` is running, if any.

@@ -72,10 +72,16 @@ thread_local! {
 
 /// Runs `call` with the mark that a retry layer is calling its inner service.
 pub(super) fn calling_inner<T>(call: impl FnOnce() -> T) -> T {
-    let outer = CALLING_INNER.replace(true);
-    let result = call();
-    CALLING_INNER.set(outer);
-    result
+    /// Restores the previous mark, also when `call` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALLING_INNER.set(self.0);
+        }
+    }
+
+    let _restore = Restore(CALLING_INNER.replace(true));
+    call()
 }
 
 /// Facts about a logical request, gathered before its first attempt.
