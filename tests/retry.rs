@@ -864,3 +864,27 @@ async fn grpc_pushback_sets_the_delay() {
         .unwrap();
     assert_eq!(server.hits("/plain").len(), 3);
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn panicking_call_leaves_no_nesting_mark() {
+    let panicking = service_fn(
+        |_: Request<()>| -> std::future::Ready<Result<Response<()>, support::Never>> {
+            panic!("the inner service panics in call")
+        },
+    );
+    let mut retry = RetryLayer::new(no_delay().build().unwrap()).layer(panicking);
+    let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = retry.call(Request::get("/").body(()).unwrap());
+    }));
+    assert!(call.is_err());
+
+    // A retry layer used afterwards on the same thread still retries.
+    let recorder = Recorder::new(2);
+    let response = RetryLayer::new(no_delay().build().unwrap())
+        .layer(recorder.clone())
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(recorder.calls().len(), 3);
+}
