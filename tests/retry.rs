@@ -874,7 +874,7 @@ async fn panicking_call_leaves_no_nesting_mark() {
     );
     let mut retry = RetryLayer::new(no_delay().build().unwrap()).layer(panicking);
     let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = retry.call(Request::get("/").body(()).unwrap());
+        drop(retry.call(Request::get("/").body(()).unwrap()));
     }));
     assert!(call.is_err());
 
