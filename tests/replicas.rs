@@ -938,6 +938,92 @@ mod scenarios {
         ));
     }
 
+    /// Replica A runs a handler for three lock TTLs while replica B polls with the same
+    /// key. A's lease renewals keep the key claimed across processes, so B gets `409`
+    /// past the lock TTL and then the replay, and never runs the handler.
+    pub async fn slow_handler_keeps_key(backend: Backend) {
+        let Some(url) = backend.url() else {
+            return;
+        };
+        let lock_ttl = Duration::from_secs(1);
+        let namespace = Namespace::create(backend, &url, "slow").await;
+        let configs = [
+            ReplicaConfig::new("a", &namespace)
+                .lock_ttl(lock_ttl)
+                .hold(3 * lock_ttl),
+            ReplicaConfig::new("b", &namespace).lock_ttl(lock_ttl),
+        ];
+        let replicas = tokio::task::block_in_place(|| Replica::start_all(&configs));
+        let ledger = Ledger::connect(backend, &url, &namespace.name).await;
+        let client = client();
+        let key = new_key("slow");
+
+        let sent = Instant::now();
+        let first_attempt = tokio::spawn({
+            let client = client.clone();
+            let address = replicas[0].address;
+            let key = key.clone();
+            async move { post_charge(&client, address, &key).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ledger.entries(Event::Started).await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the handler on replica a did not start within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let mut conflicts = 0;
+        let mut last_conflict = sent;
+        let replay = loop {
+            let received = post_charge(&client, replicas[1].address, &key).await;
+            match received.status {
+                StatusCode::CREATED => break received,
+                StatusCode::CONFLICT => {
+                    conflicts += 1;
+                    last_conflict = Instant::now();
+                    assert!(
+                        received.headers.contains_key(RETRY_AFTER),
+                        "409 without Retry-After"
+                    );
+                }
+                status => panic!("expected 201 or 409, got {status}: {:?}", received.body),
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(30),
+                "replica b got no 201 within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let first = first_attempt.await.unwrap();
+
+        assert_eq!(first.status, StatusCode::CREATED, "status from replica a");
+        assert!(
+            !first.replayed(),
+            "the response from replica a was a replay"
+        );
+        assert_replay_of(&replay, &first, "first 201 from replica b");
+        // Without renewal the claim would expire one lock TTL after the claim, and B
+        // would take the key over and run the handler.
+        assert!(
+            last_conflict - sent >= 2 * lock_ttl,
+            "the last 409 came {:?} after sending, not past two lock TTLs",
+            last_conflict - sent
+        );
+        let starts = ledger.entries(Event::Started).await;
+        assert_eq!(starts, ["a"], "handler starts in the ledger");
+        let effects = ledger.entries(Event::Effect).await;
+        assert_eq!(effects.len(), 1, "effects in the ledger: {effects:?}");
+        assert_eq!(effects[0].as_bytes(), first.body, "effect of replica a");
+
+        report(&format!(
+            "{backend:?}: replica b got {conflicts} 409s, the last {:?} after sending, then \
+             the replay",
+            last_conflict - sent
+        ));
+    }
+
     /// Replica A stores its response and dies by SIGKILL as soon as the response head
     /// arrives. Replica B then replays the stored response.
     pub async fn crash_after_response(backend: Backend) {
@@ -1018,6 +1104,11 @@ mod redis {
     async fn crash_after_response() {
         scenarios::crash_after_response(Backend::Redis).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_handler_keeps_key() {
+        scenarios::slow_handler_keeps_key(Backend::Redis).await;
+    }
 }
 
 #[cfg(all(feature = "redis", feature = "postgres"))]
@@ -1038,5 +1129,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn crash_after_response() {
         scenarios::crash_after_response(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_handler_keeps_key() {
+        scenarios::slow_handler_keeps_key(Backend::Postgres).await;
     }
 }
