@@ -74,8 +74,8 @@ mod harness {
     /// several replicas start at once on a loaded machine.
     const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-    /// How long completed records and ledger entries stay in Redis when a failed test
-    /// leaves them behind.
+    /// The replay TTL of the replicas and the TTL of the Redis ledger lists, so that data
+    /// a failed test leaves in Redis expires.
     const LEFTOVER_TTL: Duration = Duration::from_secs(120);
 
     /// The `Authorization` header of every test request, so the default scope is a keyed
