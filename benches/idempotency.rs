@@ -772,8 +772,25 @@ async fn drop_table(database_url: &str, table: &str) {
     println!("postgres: dropped the table {table}");
 }
 
+/// Returns the first argument that is not a flag, such as `memory` in
+/// `cargo bench --bench idempotency -- memory`: only the stores whose name contains it
+/// run, next to the bare handler.
+fn store_filter() -> Option<String> {
+    std::env::args()
+        .skip(1)
+        .find(|argument| !argument.starts_with('-'))
+}
+
+/// Returns whether the store called `name` runs in this invocation.
+fn selected(filter: &Option<String>, name: &str) -> bool {
+    filter
+        .as_ref()
+        .is_none_or(|filter| name.contains(filter.as_str()))
+}
+
 fn main() {
     let load = Load::for_this_run();
+    let filter = store_filter();
     let tag = run_tag();
     let keys = Keys::new(&tag);
     let redis_prefix = format!("tsr-idembench-{tag}");
@@ -788,7 +805,9 @@ fn main() {
         .expect("a tokio runtime");
 
     runtime.block_on(async {
-        let redis_store = {
+        let redis_store = if !selected(&filter, "redis") {
+            None
+        } else {
             let url = redis_url.clone();
             let prefix = redis_prefix.clone();
             let result = server
@@ -805,7 +824,9 @@ fn main() {
                 result,
             )
         };
-        let postgres_store = {
+        let postgres_store = if !selected(&filter, "postgres") {
+            None
+        } else {
             let url = database_url.clone();
             let table = table.clone();
             let result = server
