@@ -5,10 +5,11 @@
 //! ephemeral ports of 127.0.0.1. The client is the hyper-util legacy client on a second
 //! current-thread runtime in the main thread. Every request is a `POST /charges` with a
 //! small JSON body and an `Idempotency-Key`. Each case sends a fixed number of requests
-//! from a fixed number of concurrent workers and records wall time, the latency of each
-//! request and the CPU time of the server thread (`CLOCK_THREAD_CPUTIME_ID`), which also
-//! runs the Redis and PostgreSQL client tasks but not the Redis or PostgreSQL servers.
-//! The cases run in turn for several rounds, and the table shows each metric's median.
+//! from a fixed number of concurrent workers. It records wall time, the latency of each
+//! request and the CPU time of the server thread (`CLOCK_THREAD_CPUTIME_ID`). That thread
+//! also runs the Redis and PostgreSQL client tasks, but not the Redis or PostgreSQL
+//! servers. The cases run in turn for several rounds, and the table shows each metric's
+//! median.
 //!
 //! A second pass counts the store's commands per request: Redis from the difference of
 //! `INFO commandstats`, PostgreSQL from the protocol messages that pass through a proxy
