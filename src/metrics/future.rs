@@ -6,12 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::{HeaderMap, Response, StatusCode};
-use metrics::{SharedString, counter, histogram};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::names;
-use super::observer::{AttemptObserver, record_attempt};
+use super::handles::RequestOutcome;
+use super::observer::AttemptObserver;
 use crate::BoxError;
 use crate::classify::{Decision, HttpClassifier, RetryReason};
 
@@ -32,8 +31,8 @@ pin_project! {
 /// The state the metrics layer keeps for a logical request until it completes.
 pub(super) struct RequestMetrics {
     pub(super) observer: AttemptObserver,
-    pub(super) operation: SharedString,
-    pub(super) method: &'static str,
+    /// The index of the `method` label, from `handles::method_index`.
+    pub(super) method: usize,
     pub(super) started: Instant,
 }
 
@@ -101,32 +100,17 @@ impl RequestMetrics {
             Ok(response) => classifier.classify_status(response.status(), response.headers()),
             Err(error) => classify_error(&classifier, error),
         };
-        let outcome_label = match (outcome, decision) {
-            (Err(_), _) => "error",
-            (Ok(_), Decision::Success) => "success",
-            (Ok(_), _) => "failure",
+        let request_outcome = match (outcome, decision) {
+            (Err(_), _) => RequestOutcome::Error,
+            (Ok(_), Decision::Success) => RequestOutcome::Success,
+            (Ok(_), _) => RequestOutcome::Failure,
         };
 
-        counter!(
-            names::REQUESTS_TOTAL,
-            "operation" => self.operation.clone(),
-            "method" => self.method,
-            "outcome" => outcome_label,
-        )
-        .increment(1);
-        histogram!(
-            names::REQUEST_DURATION_SECONDS,
-            "operation" => self.operation.clone(),
-            "outcome" => outcome_label,
-        )
-        .record(duration.as_secs_f64());
-
+        let metrics = self.observer.metrics();
         let attempts = self.observer.attempts();
-        histogram!(names::REQUEST_ATTEMPTS, "operation" => self.operation.clone())
-            .record(f64::from(attempts.max(1)));
-
+        metrics.record_request(self.method, request_outcome, duration, attempts.max(1));
         if attempts == 0 {
-            record_attempt(self.operation, decision, duration);
+            metrics.record_attempt(decision, duration);
         }
     }
 }
@@ -161,7 +145,10 @@ fn classify_error<E: 'static>(classifier: &HttpClassifier, error: &E) -> Decisio
 
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let operation = self.request.as_ref().map(|request| &request.operation);
+        let operation = self
+            .request
+            .as_ref()
+            .map(|request| request.observer.metrics().operation());
         f.debug_struct("ResponseFuture")
             .field("operation", &operation)
             .finish_non_exhaustive()

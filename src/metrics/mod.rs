@@ -79,6 +79,7 @@
 //! debugging snapshot into a per-operation table of these metrics.
 
 mod future;
+mod handles;
 mod layer;
 pub mod names;
 mod observer;
@@ -86,14 +87,16 @@ mod observer;
 mod report;
 
 use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use metrics::SharedString;
 use tokio::time::Instant;
 use tower_service::Service;
 
 pub use self::future::ResponseFuture;
+use self::handles::{OperationMetrics, method_index};
 pub use self::layer::RetryMetricsLayer;
 pub(crate) use self::observer::AttemptObserver;
 #[cfg(feature = "report")]
@@ -104,16 +107,21 @@ pub use self::report::{OperationReport, RetryReport};
 #[derive(Clone)]
 pub struct RetryMetrics<S> {
     inner: S,
-    operation: SharedString,
+    /// Shared with the layer that built this service and with every clone.
+    metrics: Arc<OperationMetrics>,
 }
 
 impl<S> RetryMetrics<S> {
     /// Wraps `inner`, recording metrics under the `operation` label.
+    ///
+    /// The service and its clones register their metric handles on first use, as
+    /// [`RetryMetricsLayer`] describes, separately from any other service or layer.
     pub fn new(inner: S, operation: impl Into<SharedString>) -> Self {
-        RetryMetrics {
-            inner,
-            operation: operation.into(),
-        }
+        RetryMetrics::with_metrics(inner, Arc::new(OperationMetrics::new(operation.into())))
+    }
+
+    pub(super) fn with_metrics(inner: S, metrics: Arc<OperationMetrics>) -> Self {
+        RetryMetrics { inner, metrics }
     }
 
     /// A reference to the inner service.
@@ -136,7 +144,7 @@ impl<S: fmt::Debug> fmt::Debug for RetryMetrics<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryMetrics")
             .field("inner", &self.inner)
-            .field("operation", &self.operation)
+            .field("operation", self.metrics.operation())
             .finish()
     }
 }
@@ -157,13 +165,12 @@ where
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
         // A new observer for each call, so that attempts of different logical requests
         // are never counted together, even when the caller reuses extensions.
-        let observer = AttemptObserver::new(self.operation.clone());
+        let observer = AttemptObserver::new(Arc::clone(&self.metrics));
         request.extensions_mut().insert(observer.clone());
 
         let metrics = future::RequestMetrics {
             observer: observer.clone(),
-            operation: self.operation.clone(),
-            method: method_label(request.method()),
+            method: method_index(request.method()),
             started: Instant::now(),
         };
         let future = observer.observe(|| self.inner.call(request));
@@ -191,30 +198,13 @@ where
     }
 
     fn call(&mut self, request: reqwest::Request) -> Self::Future {
-        let observer = AttemptObserver::new(self.operation.clone());
+        let observer = AttemptObserver::new(Arc::clone(&self.metrics));
         let metrics = future::RequestMetrics {
             observer: observer.clone(),
-            operation: self.operation.clone(),
-            method: method_label(request.method()),
+            method: method_index(request.method()),
             started: Instant::now(),
         };
         let future = observer.observe(|| self.inner.call(request));
         ResponseFuture::new(future, metrics)
-    }
-}
-
-/// Returns the `method` label: the name of a standard method, `other` for any other.
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::CONNECT => "CONNECT",
-        Method::OPTIONS => "OPTIONS",
-        Method::TRACE => "TRACE",
-        Method::PATCH => "PATCH",
-        _ => "other",
     }
 }

@@ -3,9 +3,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use metrics::{SharedString, counter, histogram};
-
-use super::names;
+use super::handles::OperationMetrics;
 use crate::classify::Decision;
 use crate::retry::{BackoffSource, SuppressReason};
 
@@ -21,7 +19,8 @@ pub(crate) struct AttemptObserver {
 
 #[derive(Debug)]
 struct State {
-    operation: SharedString,
+    /// The metric handles of the layer that created the observer.
+    metrics: Arc<OperationMetrics>,
     attempts: AtomicU32,
 }
 
@@ -52,13 +51,19 @@ impl AttemptObserver {
         CURRENT.with_borrow(Clone::clone)
     }
 
-    pub(crate) fn new(operation: SharedString) -> Self {
+    /// Creates the observer of one logical request, which records into `metrics`.
+    pub(crate) fn new(metrics: Arc<OperationMetrics>) -> Self {
         AttemptObserver {
             state: Arc::new(State {
-                operation,
+                metrics,
                 attempts: AtomicU32::new(0),
             }),
         }
+    }
+
+    /// Returns the metric handles this observer records into.
+    pub(super) fn metrics(&self) -> &OperationMetrics {
+        &self.state.metrics
     }
 
     /// The attempts reported so far; 0 when no retry layer reported any.
@@ -69,44 +74,16 @@ impl AttemptObserver {
     /// Records one finished attempt.
     pub(crate) fn attempt(&self, decision: Decision, duration: Duration) {
         self.state.attempts.fetch_add(1, Ordering::Relaxed);
-        record_attempt(self.state.operation.clone(), decision, duration);
+        self.state.metrics.record_attempt(decision, duration);
     }
 
     /// Records a backoff sleep before a retry.
     pub(crate) fn backoff(&self, delay: Duration, source: BackoffSource) {
-        histogram!(
-            names::BACKOFF_SECONDS,
-            "operation" => self.state.operation.clone(),
-            "source" => source.as_str(),
-        )
-        .record(delay.as_secs_f64());
+        self.state.metrics.record_backoff(delay, source);
     }
 
     /// Records a retry that the policy wanted and the layer declined.
     pub(crate) fn suppressed(&self, reason: SuppressReason) {
-        counter!(
-            names::SUPPRESSED_TOTAL,
-            "operation" => self.state.operation.clone(),
-            "reason" => reason.as_str(),
-        )
-        .increment(1);
+        self.state.metrics.record_suppressed(reason);
     }
-}
-
-/// Records `retry_attempts_total` and `retry_attempt_duration_seconds` for one attempt.
-pub(crate) fn record_attempt(operation: SharedString, decision: Decision, duration: Duration) {
-    let (outcome, reason) = match decision {
-        Decision::Success => ("success", "none"),
-        Decision::Retry { reason, .. } => ("retry", reason.as_str()),
-        Decision::Fail { reason } => ("fail", reason.as_str()),
-    };
-    histogram!(names::ATTEMPT_DURATION_SECONDS, "operation" => operation.clone())
-        .record(duration.as_secs_f64());
-    counter!(
-        names::ATTEMPTS_TOTAL,
-        "operation" => operation,
-        "outcome" => outcome,
-        "reason" => reason,
-    )
-    .increment(1);
 }
