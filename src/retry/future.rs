@@ -195,7 +195,10 @@ where
                         observer.attempt(decision, started.elapsed());
                     }
                     if !matches!(decision, Decision::Retry { .. }) {
-                        finish(decision, None, *this.attempts, this.observer);
+                        // Only a retried request has anything to log here.
+                        if *this.attempts > 1 {
+                            finish(decision, None, *this.attempts, this.observer);
+                        }
                         return Poll::Ready(outcome);
                     }
 

@@ -123,6 +123,7 @@ impl<C, R> RetryPolicy<C, R> {
     }
 
     /// Writes the attempt number into the attempt's header, when the policy names one.
+    #[inline]
     pub(crate) fn stamp<Req>(&self, attempt: &mut R::Attempt, number: u32)
     where
         R: Replay<Req>,
