@@ -76,7 +76,7 @@ async fn main() {
     }
 
     println!(
-        "20 orders charged in {} requests",
+        "20 orders charged in {} attempts",
         calls.load(Ordering::SeqCst)
     );
     print!("{}", RetryReport::from_snapshot(snapshotter.snapshot()));

@@ -94,6 +94,9 @@ mod retry_after;
 /// The boxed error type the retry layer returns, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+pub use crate::backoff::Backoff;
+pub use crate::budget::RetryBudget;
+pub use crate::classify::{GrpcClassifier, HttpClassifier};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::idempotency::store::PostgresStore;
@@ -107,4 +110,4 @@ pub use crate::metrics::RetryMetricsLayer;
 #[cfg(feature = "report")]
 #[cfg_attr(docsrs, doc(cfg(feature = "report")))]
 pub use crate::metrics::RetryReport;
-pub use crate::retry::{RetryLayer, RetryPolicy};
+pub use crate::retry::{BodyReplay, RetryLayer, RetryPolicy};

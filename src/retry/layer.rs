@@ -5,7 +5,13 @@ use tower_layer::Layer;
 use super::{HttpReplay, Retry, RetryPolicy};
 use crate::classify::HttpClassifier;
 
-/// Applies [`Retry`] to a service.
+/// Applies [`Retry`] to a service: retries by a [`RetryPolicy`].
+///
+/// The [`retry` module](super) documents what is retried, when a retry is declined, and
+/// how the layer orders with [`IdempotencyKeyLayer`](crate::IdempotencyKeyLayer) and
+/// [`RetryMetricsLayer`](crate::RetryMetricsLayer). To count the attempts of a request,
+/// use [`RetryPolicyBuilder::on_retry`](super::RetryPolicyBuilder::on_retry) or the
+/// `retry_request_attempts` metric of `RetryMetricsLayer`.
 #[must_use]
 pub struct RetryLayer<C = HttpClassifier, R = HttpReplay> {
     policy: Arc<RetryPolicy<C, R>>,

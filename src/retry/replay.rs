@@ -11,6 +11,12 @@ use crate::idempotency::IDEMPOTENCY_KEY;
 ///
 /// [`HttpReplay`] handles `http::Request<B>` with a `Clone` body, [`BodyReplay`] any
 /// `http::Request<B>` with a streaming body, and [`CloneReplay`] any `Req: Clone`.
+#[diagnostic::on_unimplemented(
+    message = "the retry layer cannot replay `{Req}` with `{Self}`",
+    note = "`HttpReplay` needs `http::Request<B>` with a `Clone` body such as `Full<Bytes>`; \
+            for a streaming body use `RetryPolicy::builder().replay(BodyReplay::new())`, and \
+            for other request types `CloneReplay`"
+)]
 pub trait Replay<Req> {
     /// The request type the inner service receives.
     type Attempt;
