@@ -1,6 +1,6 @@
 //! A scripted HTTP server on 127.0.0.1 for the client-side tests.
 //!
-//! Each path answers from its own script of steps, in order; the last step repeats. Every
+//! Each path responds from its own script of steps, in order; the last step repeats. Every
 //! request that reaches the server is recorded.
 #![allow(dead_code)]
 
@@ -23,13 +23,13 @@ use tokio::net::TcpListener;
 /// What the server does with one request.
 #[derive(Clone, Debug)]
 pub enum Step {
-    /// Waits `delay`, then answers.
+    /// Waits `delay`, then responds.
     Respond {
         status: u16,
         headers: Vec<(&'static str, String)>,
         delay: Duration,
     },
-    /// Reads the request, then closes the connection without an answer.
+    /// Reads the request, then closes the connection without a response.
     Reset,
 }
 
