@@ -120,9 +120,9 @@ impl Setup {
                 extensions.insert(logical.clone());
                 mark = Some(logical);
             }
-        }
-
-        if observer.is_none() {
+        } else {
+            // A request type without extensions gets the observer of a metrics layer
+            // whose `call` is running on this thread.
             observer = AttemptObserver::current();
         }
         if nested {
