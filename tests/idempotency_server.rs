@@ -638,6 +638,52 @@ struct CompleteFailingStore {
     inner: MemoryStore,
 }
 
+/// A [`MemoryStore`] whose `complete` fails its first `failures` calls.
+#[derive(Clone, Default)]
+struct FlakyCompleteStore {
+    inner: MemoryStore,
+    failures: usize,
+    completes: Arc<AtomicUsize>,
+}
+
+impl IdempotencyStore for FlakyCompleteStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.inner.begin(key, fingerprint, owner, lock_ttl).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        owner: &OwnerToken,
+        response: StoredResponse,
+        replay_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if self.completes.fetch_add(1, Ordering::SeqCst) < self.failures {
+            return Err(StoreError::backend(io::Error::other("connection reset")));
+        }
+        self.inner.complete(key, owner, response, replay_ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, owner: &OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(key, owner).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        owner: &OwnerToken,
+        lock_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, owner, lock_ttl).await
+    }
+}
+
 impl IdempotencyStore for CompleteFailingStore {
     async fn begin(
         &self,
@@ -683,7 +729,8 @@ async fn failed_completion_keeps_response() {
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.body, "{\"charge\":0,\"bytes\":2}");
 
-    // The key stays claimed until the lock TTL expires, so the retry does not run.
+    // The layer keeps retrying the completion and renewing the claim, so the retry does
+    // not run.
     let retry = send(&client, keyed_post(address, "k", "{}")).await;
     assert_problem(&retry, StatusCode::CONFLICT);
     assert!(retry.headers.contains_key(RETRY_AFTER));
@@ -971,4 +1018,39 @@ fn zero_lock_ttl_is_rejected() {
 #[should_panic(expected = "replay_ttl is 0s")]
 fn zero_replay_ttl_is_rejected() {
     let _ = IdempotencyLayer::new(MemoryStore::new()).replay_ttl(Duration::ZERO);
+}
+
+#[tokio::test]
+async fn completion_retried_until_stored() {
+    let store = FlakyCompleteStore {
+        failures: 3,
+        ..FlakyCompleteStore::default()
+    };
+    let completes = Arc::clone(&store.completes);
+    // Completion is retried every third of the lock TTL: here every 100 ms.
+    let layer = IdempotencyLayer::new(store).lock_ttl(Duration::from_millis(300));
+    let (app, calls) = counting_app(layer);
+    let address = serve(app).await;
+    let client = client();
+
+    let first = send(&client, keyed_post(address, "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let duplicate = send(&client, keyed_post(address, "k", "{}")).await;
+    assert_problem(&duplicate, StatusCode::CONFLICT);
+
+    let mut replay = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let received = send(&client, keyed_post(address, "k", "{}")).await;
+        if received.status == StatusCode::OK {
+            replay = Some(received);
+            break;
+        }
+        assert_problem(&received, StatusCode::CONFLICT);
+    }
+    let replay = replay.expect("the response was stored within 5 s");
+    assert_eq!(replay.body, first.body);
+    assert_eq!(replay.replayed().unwrap(), "true");
+    assert_eq!(completes.load(Ordering::SeqCst), 4);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

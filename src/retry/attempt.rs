@@ -105,7 +105,7 @@ impl Setup {
 
         let mut max_attempts = policy.max_attempts;
         let mut nested = CALLING_INNER.get();
-        let mut observer = None;
+        let mut observer;
         let mut mark = None;
         if let Some(extensions) = policy.replay.extensions_mut(request) {
             nested |= extensions.get::<Attempt>().is_some();

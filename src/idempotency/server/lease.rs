@@ -119,17 +119,34 @@ impl<St: IdempotencyStore> Lease<St> {
         self.on_drop = None;
     }
 
+    /// Stores the response. When the store fails, the response is stored again in the
+    /// background until it succeeds, so the caller is not kept waiting.
     pub(super) async fn complete(mut self, response: StoredResponse) {
         self.on_drop = Some(OnDrop::Complete(response.clone()));
-        complete(
-            &*self.store,
-            &self.key,
-            &self.owner,
-            response,
-            self.replay_ttl,
-        )
-        .await;
+        let stored = self
+            .store
+            .complete(&self.key, &self.owner, response.clone(), self.replay_ttl)
+            .await;
         self.on_drop = None;
+
+        match stored {
+            Ok(()) => {}
+            Err(error) if error.is_stale_owner() => lost_claim(&self.key),
+            Err(error) => {
+                tracing::warn!(
+                    key = self.key.key(),
+                    error = &error as &dyn std::error::Error,
+                    "failed to store the response of a processed request, retrying in the \
+                     background while the key stays claimed"
+                );
+                let store = Arc::clone(&self.store);
+                let (key, owner) = (self.key.clone(), self.owner.clone());
+                let (lock_ttl, replay_ttl) = (self.lock_ttl, self.replay_ttl);
+                tokio::spawn(async move {
+                    keep_completing(&*store, &key, &owner, response, lock_ttl, replay_ttl).await;
+                });
+            }
+        }
     }
 }
 
@@ -150,12 +167,12 @@ impl<St: IdempotencyStore> Drop for Lease<St> {
         let store = Arc::clone(&self.store);
         let key = self.key.clone();
         let owner = self.owner.clone();
-        let replay_ttl = self.replay_ttl;
+        let (lock_ttl, replay_ttl) = (self.lock_ttl, self.replay_ttl);
         runtime.spawn(async move {
             match action {
                 OnDrop::Release => release(&*store, &key, &owner).await,
                 OnDrop::Complete(response) => {
-                    complete(&*store, &key, &owner, response, replay_ttl).await;
+                    keep_completing(&*store, &key, &owner, response, lock_ttl, replay_ttl).await;
                 }
             }
         });
@@ -173,22 +190,57 @@ async fn release<St: IdempotencyStore>(store: &St, key: &RecordKey, owner: &Owne
     }
 }
 
-/// Stores the response, or logs at ERROR when that fails. The caller gets the response
-/// either way, because the request was processed. After a failure a retry gets `409`
-/// until the lock TTL expires, and then runs the request again.
-async fn complete<St: IdempotencyStore>(
+/// Stores the response of a processed request until the store accepts it, renewing the
+/// claim between tries so that no duplicate runs the request while the store is failing.
+///
+/// Gives up, with an ERROR, when another owner took the key over or after the replay
+/// TTL, after which a stored response would have expired anyway.
+async fn keep_completing<St: IdempotencyStore>(
     store: &St,
     key: &RecordKey,
     owner: &OwnerToken,
     response: StoredResponse,
+    lock_ttl: Duration,
     replay_ttl: Duration,
 ) {
-    if let Err(error) = store.complete(key, owner, response, replay_ttl).await {
-        tracing::error!(
-            key = key.key(),
-            error = &error as &dyn std::error::Error,
-            "failed to store the response of a processed request, so a retry after the lock \
-             TTL runs it again"
-        );
+    let period = (lock_ttl / 3).max(Duration::from_millis(10));
+    let give_up = tokio::time::Instant::now() + replay_ttl;
+    let mut tries: u32 = 0;
+    loop {
+        tries += 1;
+        match store
+            .complete(key, owner, response.clone(), replay_ttl)
+            .await
+        {
+            Ok(()) => {
+                if tries > 1 {
+                    tracing::info!(key = key.key(), tries, "stored the response after retrying");
+                }
+                return;
+            }
+            Err(error) if error.is_stale_owner() => return lost_claim(key),
+            Err(error) if tokio::time::Instant::now() >= give_up => {
+                tracing::error!(
+                    key = key.key(),
+                    tries,
+                    error = &error as &dyn std::error::Error,
+                    "gave up storing the response of a processed request after the replay TTL"
+                );
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(period).await;
+        // Keep the claim while the store recovers; a failure here shows in the next try.
+        let _ = store.renew(key, owner, lock_ttl).await;
     }
+}
+
+/// Logs that another owner took the key over, so this request's response is not stored.
+fn lost_claim(key: &RecordKey) {
+    tracing::error!(
+        key = key.key(),
+        "lost the claim on the idempotency key before the response was stored, so a \
+         duplicate may run the request again"
+    );
 }

@@ -98,6 +98,13 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// the body was not yet buffered. Outside a runtime the claim stays until the lock TTL
 /// expires.
 ///
+/// When the store fails to store the response of a processed request, the caller still
+/// gets the response, and a task on the current runtime stores it again every third of
+/// the lock TTL, renewing the claim between tries, until the store accepts it or the
+/// replay TTL passes. Until then duplicates get `409`, so a store outage delays replays
+/// but does not run the request twice; only a store that loses the claim itself (a Redis
+/// failover, a restart without persistence) can.
+///
 /// # Store failures
 ///
 /// When [`begin`](IdempotencyStore::begin) fails, the request is rejected with `503`, so
