@@ -57,7 +57,7 @@
 //! |---|---|
 //! | the request is not idempotent (a `POST` or `PATCH` without `Idempotency-Key`) and the failure does not prove it was never processed (anything but a connect error, `429` or `409` with `Retry-After`) | `not_idempotent` |
 //! | `max_attempts` attempts were made (the policy's, or a [`RetryOverride`] in the request's extensions) | `max_attempts` |
-//! | this layer runs inside another retry layer, which does the retrying (logged once at WARN) | `max_attempts` |
+//! | this layer runs inside another retry layer, which does the retrying (logged once at WARN, and not counted, because the outer layer counts the attempts) | none |
 //! | the request could not be copied for another attempt | `not_replayable` |
 //! | the server asked for a delay (`Retry-After`) above `max_retry_after` | `retry_after` |
 //! | the next attempt would start after the deadline | `deadline` |
