@@ -23,7 +23,8 @@ use crate::retry_after::parse_retry_after;
 /// | `503` | retry, after `Retry-After` if valid, [`ServerError`](RetryReason::ServerError) |
 /// | other `5xx` (`501`, `505`, `511`, ...) | fail, [`ServerError`](RetryReason::ServerError) |
 /// | connect error, connection refused | retry, [`Connect`](RetryReason::Connect) |
-/// | connection closed or reset before the response | retry, [`Reset`](RetryReason::Reset) |
+/// | connection closed or reset before the response, HTTP/2 `GOAWAY` or stream reset | retry, [`Reset`](RetryReason::Reset) |
+/// | HTTP/2 stream refused with `REFUSED_STREAM` (feature `http2`) | retry, [`RefusedStream`](RetryReason::RefusedStream) |
 /// | per-attempt timeout, deadline, hyper or tower timeout | retry, [`Timeout`](RetryReason::Timeout) |
 /// | any other error | retry, [`Unknown`](RetryReason::Unknown) |
 ///
@@ -36,8 +37,10 @@ use crate::retry_after::parse_retry_after;
 /// link. Whether a retry is then allowed for a `POST` or `PATCH` depends on
 /// [`RetryReason::proves_not_processed`] and the request's `Idempotency-Key`.
 ///
-/// NOTE: HTTP/2 `REFUSED_STREAM` and `GOAWAY` are not recognised yet; they classify as
-/// [`Unknown`](RetryReason::Unknown), which is retried only for idempotent requests.
+/// A `GOAWAY` classifies as [`Reset`](RetryReason::Reset), not as proof that the request
+/// was not processed: h2 0.4 reports it to the streams above the `GOAWAY`'s last stream
+/// id, but also keeps it as the connection's error, which an accepted stream that fails
+/// later may carry.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HttpClassifier {
     _private: (),
@@ -133,6 +136,24 @@ fn reason_of(error: &(dyn Error + 'static)) -> Option<RetryReason> {
             return Some(RetryReason::Timeout);
         }
         // Otherwise the source chain (hyper's error, an `io::Error`) tells more.
+        return None;
+    }
+
+    #[cfg(feature = "http2")]
+    if let Some(error) = error.downcast_ref::<h2::Error>() {
+        // Only a stream reset by the server with REFUSED_STREAM proves it was not
+        // processed. A GOAWAY error may also reach a stream the server had accepted.
+        if error.is_reset() && error.is_remote() {
+            let refused = error.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return Some(if refused {
+                RetryReason::RefusedStream
+            } else {
+                RetryReason::Reset
+            });
+        }
+        if error.is_go_away() || error.is_reset() {
+            return Some(RetryReason::Reset);
+        }
         return None;
     }
 

@@ -126,6 +126,9 @@ pub enum RetryReason {
     Timeout,
     /// The connection was closed or reset before a complete response arrived.
     Reset,
+    /// The server refused an HTTP/2 stream with `REFUSED_STREAM`, which RFC 9113
+    /// (section 8.7) defines as closed before any processing.
+    RefusedStream,
     /// A body failed to send or arrive.
     Body,
     /// A gRPC status other than `OK`.
@@ -146,6 +149,7 @@ impl RetryReason {
             RetryReason::Connect => "connect",
             RetryReason::Timeout => "timeout",
             RetryReason::Reset => "reset",
+            RetryReason::RefusedStream => "refused_stream",
             RetryReason::Body => "body",
             RetryReason::Grpc => "grpc",
             RetryReason::Unknown => "unknown",
@@ -156,12 +160,15 @@ impl RetryReason {
     /// request, so that even a request that is not idempotent (a `POST` without an
     /// `Idempotency-Key`) may be sent again.
     ///
-    /// True for [`Connect`](Self::Connect), [`TooManyRequests`](Self::TooManyRequests) and
-    /// [`Conflict`](Self::Conflict).
+    /// True for [`Connect`](Self::Connect), [`RefusedStream`](Self::RefusedStream),
+    /// [`TooManyRequests`](Self::TooManyRequests) and [`Conflict`](Self::Conflict).
     pub const fn proves_not_processed(&self) -> bool {
         matches!(
             self,
-            RetryReason::Connect | RetryReason::TooManyRequests | RetryReason::Conflict
+            RetryReason::Connect
+                | RetryReason::RefusedStream
+                | RetryReason::TooManyRequests
+                | RetryReason::Conflict
         )
     }
 }

@@ -23,7 +23,7 @@ const METHOD_LABELS: [&str; 10] = [
 ];
 
 /// The number of [`RetryReason`] variants. [`reason_index`] maps each to one below it.
-const REASON_COUNT: usize = 11;
+const REASON_COUNT: usize = 12;
 
 /// The number of [`SuppressReason`] variants. [`suppress_index`] maps each to one below
 /// it.
@@ -238,6 +238,7 @@ const fn reason_index(reason: RetryReason) -> usize {
         RetryReason::Body => 8,
         RetryReason::Grpc => 9,
         RetryReason::Unknown => 10,
+        RetryReason::RefusedStream => 11,
     }
 }
 
@@ -278,6 +279,7 @@ mod tests {
         RetryReason::Body,
         RetryReason::Grpc,
         RetryReason::Unknown,
+        RetryReason::RefusedStream,
     ];
 
     #[test]

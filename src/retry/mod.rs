@@ -55,7 +55,7 @@
 //!
 //! | case | [`SuppressReason`] |
 //! |---|---|
-//! | the request is not idempotent (a `POST` or `PATCH` without `Idempotency-Key`) and the failure does not prove it was never processed (anything but a connect error, `429` or `409` with `Retry-After`) | `not_idempotent` |
+//! | the request is not idempotent (a `POST` or `PATCH` without `Idempotency-Key`) and the failure does not prove it was never processed (anything but a connect error, an HTTP/2 `REFUSED_STREAM`, `429` or `409` with `Retry-After`) | `not_idempotent` |
 //! | `max_attempts` attempts were made (the policy's, or a [`RetryOverride`] in the request's extensions) | `max_attempts` |
 //! | this layer runs inside another retry layer, which does the retrying (logged once at WARN, and not counted, because the outer layer counts the attempts) | none |
 //! | the request could not be copied for another attempt | `not_replayable` |
