@@ -1022,6 +1022,9 @@ fn zero_replay_ttl_is_rejected() {
 
 #[tokio::test]
 async fn completion_retried_until_stored() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
     let store = FlakyCompleteStore {
         failures: 3,
         ..FlakyCompleteStore::default()
@@ -1053,4 +1056,19 @@ async fn completion_retried_until_stored() {
     assert_eq!(replay.replayed().unwrap(), "true");
     assert_eq!(completes.load(Ordering::SeqCst), 4);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let store_errors: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "idempotency_store_errors_total")
+        .map(|(key, _, _, value)| {
+            let operation = key.key().labels().next().unwrap().value().to_owned();
+            let metrics_util::debugging::DebugValue::Counter(count) = value else {
+                panic!("not a counter");
+            };
+            (operation, count)
+        })
+        .collect();
+    assert_eq!(store_errors, [("complete".to_owned(), 3)]);
 }

@@ -23,3 +23,7 @@ pub const SUPPRESSED_TOTAL: &str = "retry_suppressed_total";
 /// Counter of requests seen by the server-side idempotency layer; label `outcome`
 /// (`executed`, `replayed`, `in_flight`, `mismatch`, `invalid`, `store_error`, ...).
 pub const IDEMPOTENCY_REQUESTS_TOTAL: &str = "idempotency_requests_total";
+/// Counter of failed store calls of the server-side idempotency layer after a claim:
+/// label `operation` (`complete`, `release`, `renew`). A failed claim counts as
+/// `store_error` in [`IDEMPOTENCY_REQUESTS_TOTAL`] instead.
+pub const IDEMPOTENCY_STORE_ERRORS_TOTAL: &str = "idempotency_store_errors_total";

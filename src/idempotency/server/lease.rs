@@ -13,6 +13,7 @@ use crate::idempotency::Fingerprint;
 use crate::idempotency::store::{
     Begin, IdempotencyStore, OwnerToken, RecordKey, StoreError, StoredResponse,
 };
+use crate::metrics::names::IDEMPOTENCY_STORE_ERRORS_TOTAL;
 
 /// A claim on a key, which is released or completed when dropped unfinished.
 pub(super) struct Lease<St: IdempotencyStore> {
@@ -73,6 +74,7 @@ impl<St: IdempotencyStore> Lease<St> {
                 continue;
             };
             if !error.is_stale_owner() {
+                count_store_error("renew");
                 tracing::warn!(
                     key = self.key.key(),
                     error = &error as &dyn std::error::Error,
@@ -133,6 +135,7 @@ impl<St: IdempotencyStore> Lease<St> {
             Ok(()) => {}
             Err(error) if error.is_stale_owner() => lost_claim(&self.key),
             Err(error) => {
+                count_store_error("complete");
                 tracing::warn!(
                     key = self.key.key(),
                     error = &error as &dyn std::error::Error,
@@ -181,6 +184,7 @@ impl<St: IdempotencyStore> Drop for Lease<St> {
 
 async fn release<St: IdempotencyStore>(store: &St, key: &RecordKey, owner: &OwnerToken) {
     if let Err(error) = store.release(key, owner).await {
+        count_store_error("release");
         tracing::warn!(
             key = key.key(),
             error = &error as &dyn std::error::Error,
@@ -220,6 +224,7 @@ async fn keep_completing<St: IdempotencyStore>(
             }
             Err(error) if error.is_stale_owner() => return lost_claim(key),
             Err(error) if tokio::time::Instant::now() >= give_up => {
+                count_store_error("complete");
                 tracing::error!(
                     key = key.key(),
                     tries,
@@ -228,12 +233,17 @@ async fn keep_completing<St: IdempotencyStore>(
                 );
                 return;
             }
-            Err(_) => {}
+            Err(_) => count_store_error("complete"),
         }
         tokio::time::sleep(period).await;
         // Keep the claim while the store recovers; a failure here shows in the next try.
         let _ = store.renew(key, owner, lock_ttl).await;
     }
+}
+
+/// Counts a failed store call in `idempotency_store_errors_total`.
+fn count_store_error(operation: &'static str) {
+    metrics::counter!(IDEMPOTENCY_STORE_ERRORS_TOTAL, "operation" => operation).increment(1);
 }
 
 /// Logs that another owner took the key over, so this request's response is not stored.
