@@ -52,6 +52,8 @@
 //! | `retry_attempt_duration_seconds` | histogram | `operation` | retry layer, or the metrics layer alone |
 //! | `retry_backoff_seconds` | histogram | `operation`, `source` | retry layer |
 //! | `retry_suppressed_total` | counter | `operation`, `reason` | retry layer |
+//! | `idempotency_requests_total` | counter | `outcome` | server-side `IdempotencyLayer` |
+//! | `idempotency_store_errors_total` | counter | `operation` (`complete`, `release`, `renew`) | server-side `IdempotencyLayer` |
 //!
 //! [`names`] has the names as constants. Every label has a bounded set of values:
 //!
