@@ -888,3 +888,66 @@ async fn panicking_call_leaves_no_nesting_mark() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(recorder.calls().len(), 3);
 }
+
+/// A service that answers its first call with 503 and is never ready again.
+#[derive(Clone, Default)]
+struct ReadyOnce {
+    calls: Arc<AtomicU32>,
+}
+
+impl Service<Request<()>> for ReadyOnce {
+    type Response = Response<()>;
+    type Error = support::Never;
+    type Future = std::future::Ready<Result<Response<()>, support::Never>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), support::Never>> {
+        if self.calls.load(Ordering::SeqCst) == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, _request: Request<()>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn deadline_while_waiting_for_readiness() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let service = ReadyOnce::default();
+    let policy = no_delay().deadline(Duration::from_secs(1)).build().unwrap();
+
+    let started = Instant::now();
+    let response = ServiceBuilder::new()
+        .layer(tower_safe_retry::RetryMetricsLayer::new("ready"))
+        .layer(RetryLayer::new(policy))
+        .service(service.clone())
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(service.calls.load(Ordering::SeqCst), 1);
+    let deadline_suppressed: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "retry_suppressed_total")
+        .filter(|(key, ..)| key.key().labels().any(|label| label.value() == "deadline"))
+        .map(|(.., value)| match value {
+            DebugValue::Counter(count) => count,
+            other => panic!("not a counter: {other:?}"),
+        })
+        .sum();
+    assert_eq!(deadline_suppressed, 1);
+}

@@ -272,6 +272,9 @@ where
                                 attempts = *this.attempts,
                                 "request deadline passed while waiting for the service to be ready"
                             );
+                            if let Some(observer) = this.observer {
+                                observer.suppressed(SuppressReason::Deadline);
+                            }
                             this.state.set(State::Done);
                             return Poll::Ready(take_last(this.retrying));
                         }

@@ -64,9 +64,11 @@
 //! | the policy's [`RetryBudget`](crate::budget::RetryBudget) is spent | `budget` |
 //! | the body was announced or found to be over [`BodyReplay`]'s cap (64 KiB by default) | `body_too_large` |
 //!
-//! When the deadline passes while an attempt is in flight, the attempt is cancelled and
-//! the caller gets [`DeadlineExceeded`]. An error from the inner service's `poll_ready`
-//! is returned at once.
+//! When the deadline passes while an attempt is in flight, the attempt is cancelled, the
+//! caller gets [`DeadlineExceeded`], and a `deadline` suppression is counted. When it
+//! passes while the layer waits for the inner service to be ready for a retry, the caller
+//! gets the previous attempt's outcome, also counted as `deadline`. Both are logged at
+//! WARN. An error from the inner service's `poll_ready` is returned at once.
 //!
 //! [`Decision::Success`]: crate::classify::Decision::Success
 //! [`Decision::Fail`]: crate::classify::Decision::Fail
