@@ -54,7 +54,7 @@ use tower_safe_retry::{
     RetryPolicy, RetryReport,
 };
 
-/// The per-attempt timeout of every client, and how long a `slow` fault holds the handler.
+/// The per-attempt timeout of every client, and how long a `slow` fault delays the handler.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(200);
 const SLOW_HANDLER: Duration = Duration::from_millis(300);
 
@@ -189,7 +189,7 @@ struct ChargeRequest {
     amount_cents: u64,
 }
 
-/// The charge handler. A `slow` fault delays it before the charge, as a slow database
+/// Charges an order. A `slow` fault delays it before the charge, as a slow database
 /// would: a handler dropped during the wait has not charged.
 async fn charge(
     State(provider): State<Arc<Provider>>,
@@ -299,7 +299,7 @@ where
     addr
 }
 
-/// Returning an error from a hyper service closes the connection without an answer,
+/// Returning an error from a hyper service closes the connection without a response,
 /// which is how both reset faults are made.
 async fn inject_fault(
     provider: Arc<Provider>,
@@ -523,7 +523,7 @@ async fn place_order(checkout: Checkout, addr: SocketAddr, order: u64) -> bool {
     success && response.into_body().collect().await.is_ok()
 }
 
-/// The nearest-rank percentile, in milliseconds.
+/// Returns the nearest-rank percentile, in milliseconds.
 fn percentile_ms(sorted: &[Duration], percent: usize) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use fastrand::Rng;
 
-/// How a random part is mixed into an exponential delay.
+/// The way a random part is mixed into an exponential delay.
 ///
 /// `exp` below is `min(cap, base * factor^(retry - 1))`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl Backoff {
         }
     }
 
-    /// The same delay before every retry, without jitter.
+    /// Creates a backoff with the same delay before every retry, without jitter.
     pub const fn constant(delay: Duration) -> Self {
         Backoff {
             kind: Kind::Constant(delay),
@@ -148,7 +148,7 @@ fn exponential(base: Duration, factor: f64, cap: Duration, retry: u32) -> Durati
     Duration::try_from_secs_f64(seconds).map_or(cap, |delay| delay.min(cap))
 }
 
-/// A uniform sample in `[low, high]`, at nanosecond resolution.
+/// Draws a uniform sample in `[low, high]`, at nanosecond resolution.
 fn uniform(rng: &mut Rng, low: Duration, high: Duration) -> Duration {
     let low = u64::try_from(low.as_nanos()).unwrap_or(u64::MAX);
     let high = u64::try_from(high.as_nanos()).unwrap_or(u64::MAX);

@@ -59,14 +59,14 @@ struct Shared {
 }
 
 impl RetryBudget {
-    /// A budget with the defaults: ratio 0.2, 10 retries per second, a 10 s window.
+    /// Creates a budget with the defaults: ratio 0.2, 10 retries per second, a 10 s window.
     pub fn new() -> Self {
         RetryBudget::builder()
             .build()
             .expect("the default budget is valid")
     }
 
-    /// A builder that starts from the defaults.
+    /// Returns a builder that starts from the defaults.
     pub fn builder() -> RetryBudgetBuilder {
         RetryBudgetBuilder {
             ratio: 0.2,
@@ -76,12 +76,12 @@ impl RetryBudget {
         }
     }
 
-    /// The maximum tokens the balance can contain.
+    /// Returns the maximum tokens the balance can contain.
     pub fn reserve_cap(&self) -> f64 {
         self.shared.cap as f64 / TOKEN as f64
     }
 
-    /// The tokens in the balance now.
+    /// Returns the tokens in the balance now.
     pub fn balance(&self) -> f64 {
         self.shared.balance.load(Ordering::Relaxed) as f64 / TOKEN as f64
     }

@@ -894,7 +894,7 @@ async fn metrics_count_outcomes() {
     assert_eq!(counts.len(), expected.len(), "{counts:?}");
 }
 
-/// A handler that answers `first_status` on its first call, after the test opens `gate`,
+/// A handler that responds with `first_status` on its first call, after the test opens `gate`,
 /// and `201` at once after that.
 fn gated_handler(
     calls: Arc<AtomicUsize>,

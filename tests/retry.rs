@@ -245,7 +245,7 @@ async fn post_timeout_without_key_is_not_retried() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn deadline_stops_before_a_sleep_that_would_pass_it() {
+async fn deadline_stops_before_late_sleep() {
     let server = ScriptServer::start().await;
     server.script("/down", [Step::status(503)]);
     let policy = RetryPolicy::builder()
@@ -269,7 +269,7 @@ async fn deadline_stops_before_a_sleep_that_would_pass_it() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn deadline_longer_than_backoff_returns_last_outcome_at_once() {
+async fn deadline_shorter_than_backoff_returns() {
     let server = ScriptServer::start().await;
     server.script("/down", [Step::status(502)]);
     let policy = RetryPolicy::builder()
@@ -667,7 +667,7 @@ fn invalid_policies_are_rejected() {
 /// The attempt number and `x-attempt` header of one call.
 type Call = (u32, Option<String>);
 
-/// A service that answers 503 to the first `failures` calls and 200 after, and records
+/// A service that responds with 503 to the first `failures` calls and 200 after, and records
 /// every call.
 #[derive(Clone)]
 struct Recorder {
@@ -889,7 +889,7 @@ async fn panicking_call_leaves_no_nesting_mark() {
     assert_eq!(recorder.calls().len(), 3);
 }
 
-/// A service that answers its first call with 503 and is never ready again.
+/// A service that responds to its first call with 503 and is never ready again.
 #[derive(Clone, Default)]
 struct ReadyOnce {
     calls: Arc<AtomicU32>,

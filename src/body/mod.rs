@@ -87,7 +87,7 @@ impl<B: Body> ReplayBody<B> {
         }
     }
 
-    /// A handle on the kept frames that sends nothing itself; later attempts are made
+    /// Returns a handle on the kept frames that sends nothing itself; later attempts are made
     /// from it with [`replay`](Self::replay).
     pub(crate) fn handle(&self) -> Self {
         match &self.kind {
@@ -103,7 +103,7 @@ impl<B: Body> ReplayBody<B> {
         }
     }
 
-    /// A copy for another attempt, or `None` when the body grew past the cap, failed,
+    /// Returns a copy for another attempt, or `None` when the body grew past the cap, failed,
     /// or is still being read by an earlier attempt.
     pub(crate) fn replay(&self) -> Option<Self> {
         let Kind::Kept { shared, .. } = &self.kind else {
@@ -128,7 +128,7 @@ impl<B: Body> ReplayBody<B> {
         })
     }
 
-    /// Whether the body can no longer be replayed because it grew past the cap.
+    /// Returns whether the body can no longer be replayed because it grew past the cap.
     pub(crate) fn is_unreplayable(&self) -> bool {
         match &self.kind {
             Kind::Once(_) => true,

@@ -29,7 +29,7 @@ use crate::retry_after::parse_retry_after;
 /// | any other error | retry, [`Unknown`](RetryReason::Unknown) |
 ///
 /// A `409` is retried only with `Retry-After` because that is how an idempotency layer
-/// (this crate's [`IdempotencyLayer`](crate::IdempotencyLayer) among them) answers a
+/// (this crate's [`IdempotencyLayer`](crate::IdempotencyLayer) among them) responds to a
 /// duplicate that arrives while the first request is still running; a plain `409` is a
 /// conflict another attempt will not fix.
 ///
@@ -135,7 +135,7 @@ fn reason_of(error: &(dyn Error + 'static)) -> Option<RetryReason> {
         if error.is_timeout() {
             return Some(RetryReason::Timeout);
         }
-        // Otherwise the source chain (hyper's error, an `io::Error`) tells more.
+        // Otherwise the source chain (hyper's error, an `io::Error`) shows more.
         return None;
     }
 

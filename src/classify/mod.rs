@@ -1,4 +1,4 @@
-//! What the outcome of one attempt means for the logical request.
+//! The meaning of each attempt's outcome for the logical request.
 //!
 //! Every attempt ends in a response or an error. A [`Classify`] implementation turns
 //! that outcome into a [`Decision`]: [`Success`](Decision::Success), a
@@ -78,7 +78,7 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// A [`Decision::Retry`] without a server-given delay.
+    /// Creates a [`Decision::Retry`] without a server-given delay.
     pub const fn retry(reason: RetryReason) -> Self {
         Decision::Retry {
             reason,
@@ -86,12 +86,12 @@ impl Decision {
         }
     }
 
-    /// A [`Decision::Fail`].
+    /// Creates a [`Decision::Fail`].
     pub const fn fail(reason: RetryReason) -> Self {
         Decision::Fail { reason }
     }
 
-    /// The reason of a retry or a failure, `None` for a success.
+    /// Returns the reason of a retry or a failure, `None` for a success.
     pub const fn reason(&self) -> Option<RetryReason> {
         match self {
             Decision::Success => None,
@@ -99,7 +99,7 @@ impl Decision {
         }
     }
 
-    /// Whether this is [`Decision::Success`].
+    /// Returns whether this is [`Decision::Success`].
     pub const fn is_success(&self) -> bool {
         matches!(self, Decision::Success)
     }
@@ -156,7 +156,7 @@ impl RetryReason {
         }
     }
 
-    /// Whether a failure with this reason proves that the server did not process the
+    /// Returns whether a failure with this reason proves that the server did not process the
     /// request, so that even a request that is not idempotent (a `POST` without an
     /// `Idempotency-Key`) may be sent again.
     ///

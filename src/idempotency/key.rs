@@ -110,12 +110,12 @@ pub struct IdempotencyKey<S> {
 }
 
 impl<S> IdempotencyKey<S> {
-    /// A reference to the inner service.
+    /// Returns a reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
-    /// A mutable reference to the inner service.
+    /// Returns a mutable reference to the inner service.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
@@ -262,7 +262,7 @@ impl LogicalRequest {
         LogicalRequest::default()
     }
 
-    /// Whether an `IdempotencyKeyLayer` has keyed the request.
+    /// Returns whether an `IdempotencyKeyLayer` has keyed the request.
     pub(crate) fn has_key(&self) -> bool {
         self.key.get().is_some()
     }

@@ -126,12 +126,12 @@ impl<S> RetryMetrics<S> {
         RetryMetrics { inner, metrics }
     }
 
-    /// A reference to the inner service.
+    /// Returns a reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
-    /// A mutable reference to the inner service.
+    /// Returns a mutable reference to the inner service.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
@@ -182,8 +182,8 @@ where
 
 /// For `reqwest::Client`. A `reqwest::Request` has no public extensions, so a retry layer
 /// below finds the observer only when its `call` runs inside this layer's `call`, as in a
-/// plain `ServiceBuilder` stack; behind a `Buffer` the attempts are not reported, and
-/// each logical request counts as one attempt.
+/// plain `ServiceBuilder` stack. Behind a `Buffer` the attempts are not reported, and each
+/// logical request counts as one attempt.
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl<S> Service<reqwest::Request> for RetryMetrics<S>

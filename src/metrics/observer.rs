@@ -46,7 +46,7 @@ impl AttemptObserver {
         call()
     }
 
-    /// The observer of the metrics layer whose `call` is running, if any.
+    /// Returns the observer of the metrics layer whose `call` is running, if any.
     pub(crate) fn current() -> Option<AttemptObserver> {
         CURRENT.with_borrow(Clone::clone)
     }
@@ -66,7 +66,7 @@ impl AttemptObserver {
         &self.state.metrics
     }
 
-    /// The attempts reported so far; 0 when no retry layer reported any.
+    /// Returns the attempts reported so far; 0 when no retry layer reported any.
     pub(crate) fn attempts(&self) -> u32 {
         self.state.attempts.load(Ordering::Relaxed)
     }

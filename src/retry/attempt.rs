@@ -1,4 +1,4 @@
-//! What the retry layer passes to the layers around it about a logical request: the attempt
+//! The state the retry layer passes to the layers around it about a logical request: the attempt
 //! number, per-request overrides, and whether another retry layer is already retrying.
 
 use std::cell::Cell;
@@ -21,7 +21,7 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    /// The attempt number, starting at 1.
+    /// Returns the attempt number, starting at 1.
     pub fn number(&self) -> u32 {
         self.number
     }

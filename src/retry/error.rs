@@ -5,14 +5,14 @@ use std::time::Duration;
 /// An attempt took longer than the policy's per-attempt timeout.
 ///
 /// The retry layer classifies it like any other error, so it is retried when the policy
-/// allows; the caller sees it only when the last attempt timed out.
+/// allows. The caller sees it only when the last attempt timed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttemptTimeout {
     pub(crate) timeout: Duration,
 }
 
 impl AttemptTimeout {
-    /// The per-attempt timeout that elapsed.
+    /// Returns the per-attempt timeout that elapsed.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -29,14 +29,14 @@ impl Error for AttemptTimeout {}
 /// The overall deadline of a logical request passed while an attempt was in flight.
 ///
 /// That attempt is cancelled. A deadline that passes between attempts returns the last
-/// attempt's outcome instead, because that outcome is a real answer from the service.
+/// attempt's outcome instead, because that outcome is a real response from the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlineExceeded {
     pub(crate) deadline: Duration,
 }
 
 impl DeadlineExceeded {
-    /// The overall deadline that passed, measured from the first attempt.
+    /// Returns the overall deadline that passed, measured from the first attempt.
     pub fn deadline(&self) -> Duration {
         self.deadline
     }

@@ -19,7 +19,7 @@
 //! use tower_safe_retry::backoff::Backoff;
 //! use tower_safe_retry::{RetryLayer, RetryPolicy};
 //!
-//! // A service that fails twice with 503, then answers 200.
+//! // A service that fails twice with 503, then responds with 200.
 //! let calls = Arc::new(AtomicU32::new(0));
 //! let counter = Arc::clone(&calls);
 //! let flaky = service_fn(move |_request: Request<Full<Bytes>>| {
@@ -124,12 +124,12 @@ impl<S, C, R> Retry<S, C, R> {
         &self.policy
     }
 
-    /// A reference to the inner service.
+    /// Returns a reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
-    /// A mutable reference to the inner service.
+    /// Returns a mutable reference to the inner service.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
@@ -228,7 +228,7 @@ impl fmt::Display for SuppressReason {
     }
 }
 
-/// Where a backoff delay came from: a metric label.
+/// The origin of a backoff delay: a metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BackoffSource {

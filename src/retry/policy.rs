@@ -12,8 +12,8 @@ use crate::backoff::Backoff;
 use crate::budget::RetryBudget;
 use crate::classify::{HttpClassifier, RetryReason};
 
-/// What to retry, how often and how long to wait: a validated set of values shared by
-/// every request that goes through one [`RetryLayer`](super::RetryLayer).
+/// A validated set of retry settings (what to retry, how often and how long to wait),
+/// shared by every request that goes through one [`RetryLayer`](super::RetryLayer).
 ///
 /// | setting | default |
 /// |---|---|
@@ -77,14 +77,14 @@ pub struct RetryEvent {
 }
 
 impl RetryPolicy {
-    /// The HTTP policy with every default.
+    /// Returns the HTTP policy with every default.
     pub fn http() -> Self {
         RetryPolicy::builder()
             .build()
             .expect("the default policy is valid")
     }
 
-    /// A builder that starts from the HTTP defaults.
+    /// Returns a builder that starts from the HTTP defaults.
     pub fn builder() -> RetryPolicyBuilder {
         RetryPolicyBuilder {
             classifier: HttpClassifier::new(),
@@ -105,12 +105,12 @@ impl RetryPolicy {
 }
 
 impl<C, R> RetryPolicy<C, R> {
-    /// The maximum number of attempts, the first one included.
+    /// Returns the maximum number of attempts, the first one included.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
-    /// A random source for one logical request: reproducible for a seeded policy (the
+    /// Returns a random source for one logical request: reproducible for a seeded policy (the
     /// n-th request to draw one gets the same source in every run), random otherwise.
     pub(crate) fn rng(&self) -> Rng {
         match self.seed {

@@ -6,8 +6,8 @@ use crate::BoxError;
 use crate::body::ReplayBody;
 use crate::idempotency::IDEMPOTENCY_KEY;
 
-/// How the retry layer turns a request into attempts, and whether it may send it again
-/// after it may have reached the server.
+/// A strategy for turning a request into attempts, and for deciding whether it may be
+/// sent again after it may have reached the server.
 ///
 /// [`HttpReplay`] handles `http::Request<B>` with a `Clone` body, [`BodyReplay`] any
 /// `http::Request<B>` with a streaming body, and [`CloneReplay`] any `Req: Clone`.
@@ -20,7 +20,7 @@ use crate::idempotency::IDEMPOTENCY_KEY;
 pub trait Replay<Req> {
     /// The request type the inner service receives.
     type Attempt;
-    /// What the layer keeps to make later attempts.
+    /// The state the layer keeps to make later attempts.
     type Source;
 
     /// Turns `request` into the first attempt. With `keep`, also returns what later
@@ -35,7 +35,7 @@ pub trait Replay<Req> {
     /// [`SuppressReason::BodyTooLarge`].
     fn next(&self, source: &Self::Source) -> Result<Self::Attempt, SuppressReason>;
 
-    /// Whether `request` may be sent again after it may have been processed.
+    /// Returns whether `request` may be sent again after it may have been processed.
     ///
     /// A request that is not idempotent is retried only after a failure that proves it
     /// was never processed ([`RetryReason::proves_not_processed`]).
@@ -43,7 +43,7 @@ pub trait Replay<Req> {
     /// [`RetryReason::proves_not_processed`]: crate::classify::RetryReason::proves_not_processed
     fn is_idempotent(&self, request: &Req) -> bool;
 
-    /// The request's extensions, through which the retry layer and its neighbours in the
+    /// Returns the request's extensions, through which the retry layer and its neighbours in the
     /// stack (the idempotency key and metrics layers) pass state. `None` when the request
     /// type has none.
     fn extensions_mut<'a>(&self, request: &'a mut Req) -> Option<&'a mut http::Extensions> {
@@ -51,7 +51,7 @@ pub trait Replay<Req> {
         None
     }
 
-    /// The attempt's extensions, where the layer records the [`Attempt`](super::Attempt)
+    /// Returns the attempt's extensions, where the layer records the [`Attempt`](super::Attempt)
     /// number. `None` when the attempt type has none.
     fn attempt_extensions_mut<'a>(
         &self,
@@ -61,7 +61,7 @@ pub trait Replay<Req> {
         None
     }
 
-    /// The attempt's headers, where the layer writes the attempt number when the policy
+    /// Returns the attempt's headers, where the layer writes the attempt number when the policy
     /// names an [`attempt_header`](super::RetryPolicyBuilder::attempt_header). `None` when
     /// the attempt type has none.
     fn attempt_headers_mut<'a>(&self, attempt: &'a mut Self::Attempt) -> Option<&'a mut HeaderMap> {
@@ -251,7 +251,7 @@ where
     }
 }
 
-/// The `Content-Length` the request declares, if valid.
+/// Returns the `Content-Length` the request declares, if valid.
 fn declared_length(head: &Request<()>) -> Option<u64> {
     head.headers()
         .get(http::header::CONTENT_LENGTH)?

@@ -116,7 +116,7 @@ impl ScriptServer {
             .insert(path.to_owned(), steps);
     }
 
-    /// The requests `path` received, in order.
+    /// Returns the requests `path` received, in order.
     pub fn hits(&self, path: &str) -> Vec<Hit> {
         self.state
             .hits
@@ -190,12 +190,12 @@ async fn handle(
     }
 }
 
-/// A hyper-util client over plain HTTP/1.
+/// Builds a hyper-util client over plain HTTP/1.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// A request with a small body.
+/// Builds a request with a small body.
 pub fn request(method: Method, url: &str) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)

@@ -89,10 +89,10 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// its key and a duplicate gets `409`.
 ///
 /// A `5xx`, `408` or `429` response, an error from the inner service and a panic release
-/// the key, so a retry runs the request again; the panic then continues. `408` and `429`
-/// ask the client to try again later, so storing them would replay the refusal to every
-/// retry. Dropping the response future
-/// (a client that disconnects) while the store claims the key or while the inner service
+/// the key, so a retry runs the request again. After a panic, the unwinding continues.
+/// `408` and `429` ask the client to try again later, so storing them would replay the
+/// refusal to every retry. Dropping the response future (a client that disconnects)
+/// while the store claims the key or while the inner service
 /// runs releases the key on a task spawned on the current Tokio runtime. Dropping it after
 /// the inner service returned stores the response on such a task, without the body when
 /// the body was not yet buffered. Outside a runtime the claim stays until the lock TTL
@@ -144,17 +144,17 @@ impl<S, St> Idempotency<S, St> {
         }
     }
 
-    /// A reference to the store.
+    /// Returns a reference to the store.
     pub fn store(&self) -> &St {
         &self.store
     }
 
-    /// A reference to the inner service.
+    /// Returns a reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
-    /// A mutable reference to the inner service.
+    /// Returns a mutable reference to the inner service.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }

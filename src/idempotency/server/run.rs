@@ -57,7 +57,7 @@ impl Outcome {
     }
 }
 
-/// How often a duplicate waiting for the first request asks the store again.
+/// How often a duplicate waiting for the first request queries the store again.
 const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// Converts a problem response to the layer's response type.
@@ -240,7 +240,7 @@ where
     Ok(Response::from_parts(parts, body))
 }
 
-/// Whether a response leaves the request unprocessed, so the key is released for a retry
+/// Returns whether a response leaves the request unprocessed, so the key is released for a retry
 /// instead of storing the response: a `5xx`, and `408` and `429`, which ask the client to
 /// send the request again later. Storing a `429` would replay it to every retry.
 fn releases_key(status: StatusCode) -> bool {

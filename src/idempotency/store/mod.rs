@@ -15,7 +15,7 @@
 //!
 //! | store | shared by replicas | survives a restart | what can still go wrong |
 //! |---|---|---|---|
-//! | [`MemoryStore`] | no, one process | no | a restarted process forgets every key, so a retry after a restart runs again |
+//! | [`MemoryStore`] | no, one process | no | a restarted process loses every key, so a retry after a restart runs again |
 //! | `RedisStore` (feature `redis`) | yes | with Redis persistence | a failover to a replica that had not yet received a claim (replication is asynchronous) lets a duplicate run; an eviction policy other than `noeviction` can drop records |
 //! | `PostgresStore` (feature `postgres`) | yes | yes | a crash between the handler's effect and the completion lets a retry run again once the lease expires |
 //!
@@ -95,7 +95,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ///
     /// A stale-owner error ([`StoreError::is_stale_owner`]) when the key is not in flight
     /// for `owner`, for instance because the lease expired and another owner took it
-    /// over; a backend error otherwise.
+    /// over. A backend error otherwise.
     fn complete(
         &self,
         key: &RecordKey,
@@ -149,12 +149,12 @@ impl RecordKey {
         }
     }
 
-    /// The scope, by default a digest of the `Authorization` header.
+    /// Returns the scope, by default a digest of the `Authorization` header.
     pub fn scope(&self) -> &str {
         &self.scope
     }
 
-    /// The `Idempotency-Key` value, without sf-string quotes.
+    /// Returns the `Idempotency-Key` value, without sf-string quotes.
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -175,7 +175,7 @@ impl OwnerToken {
         OwnerToken(text.to_owned())
     }
 
-    /// The token as 32 lowercase hex digits.
+    /// Returns the token as 32 lowercase hex digits.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -217,7 +217,7 @@ pub struct StoredResponse {
 }
 
 impl StoredResponse {
-    /// The number of bytes the record takes: header names and values and the body.
+    /// Returns the number of bytes the record takes: header names and values and the body.
     pub fn size(&self) -> usize {
         let headers: usize = self
             .headers
