@@ -92,10 +92,10 @@ pub use self::layer::{DEFAULT_SCOPE_SECRET, IdempotencyLayer};
 /// the key, so a retry runs the request again. After a panic, the unwinding continues.
 /// `408` and `429` ask the client to try again later, so storing them would replay the
 /// refusal to every retry. Dropping the response future (a client that disconnects)
-/// while the store claims the key or while the inner service
-/// runs releases the key on a task spawned on the current Tokio runtime. Dropping it after
-/// the inner service returned stores the response on such a task, without the body when
-/// the body was not yet buffered. Outside a runtime the claim stays until the lock TTL
+/// while the store claims the key or while the inner service runs releases the key on a
+/// task spawned on the current Tokio runtime. Dropping it after the inner service
+/// returned stores the response on such a task, without the body when the body was not
+/// yet buffered. Outside a runtime the claim stays until the lock TTL
 /// expires.
 ///
 /// When the store fails to store the response of a processed request, the caller still
