@@ -5,16 +5,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use fastrand::Rng;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower_service::Service;
 
 use super::attempt::{Attempt, Setup, calling_inner};
-use super::{
-    AttemptTimeout, BackoffSource, DeadlineExceeded, Replay, RetryEvent, RetryPolicy,
-    SuppressReason,
-};
+use super::plan::{Retrying, finish, plan_retry, take_last};
+use super::{AttemptTimeout, DeadlineExceeded, Replay, RetryEvent, RetryPolicy, SuppressReason};
 use crate::BoxError;
 use crate::classify::{Classify, Decision, RetryReason};
 use crate::idempotency::LogicalRequest;
@@ -50,16 +47,6 @@ pin_project! {
         attempt_started: Option<Instant>,
         observer: Option<AttemptObserver>,
     }
-}
-
-/// The state of a request that is being retried.
-struct Retrying<A, T> {
-    /// The next attempt, made when the retry was planned.
-    next: Option<A>,
-    /// The outcome of the previous attempt, returned if no further attempt is made.
-    last: Option<Result<T, BoxError>>,
-    rng: Rng,
-    previous_delay: Duration,
 }
 
 pin_project! {
@@ -310,100 +297,6 @@ where
                 StateProj::Done => panic!("retry ResponseFuture polled after completion"),
             }
         }
-    }
-}
-
-/// Takes the outcome kept from the previous attempt.
-fn take_last<A, T>(retrying: &mut Option<Box<Retrying<A, T>>>) -> Result<T, BoxError> {
-    retrying
-        .as_mut()
-        .and_then(|retrying| retrying.last.take())
-        .expect("the ready state is only entered after an attempt")
-}
-
-/// A planned retry: the delay, where it came from, and the retry state with the next
-/// attempt in it.
-type Planned<'a, A, T> = (Duration, BackoffSource, &'a mut Retrying<A, T>);
-
-/// Decides whether another attempt follows, after what delay, and makes it into the
-/// retry state; or returns why not.
-///
-/// `Err(None)` means the classifier did not ask for a retry; `Err(Some(reason))` means it
-/// did and the layer declined.
-#[allow(clippy::too_many_arguments)]
-fn plan_retry<'a, Req, T, C, R: Replay<Req>>(
-    decision: Decision,
-    policy: &RetryPolicy<C, R>,
-    attempts: u32,
-    max_attempts: u32,
-    idempotent: bool,
-    source: Option<&R::Source>,
-    deadline: Option<Instant>,
-    retrying: &'a mut Option<Box<Retrying<R::Attempt, T>>>,
-) -> Result<Planned<'a, R::Attempt, T>, Option<SuppressReason>> {
-    let Decision::Retry { reason, after } = decision else {
-        return Err(None);
-    };
-
-    if !idempotent && !reason.proves_not_processed() {
-        return Err(Some(SuppressReason::NotIdempotent));
-    }
-    if attempts >= max_attempts {
-        return Err(Some(SuppressReason::MaxAttempts));
-    }
-    if after.is_some_and(|after| after > policy.max_retry_after) {
-        return Err(Some(SuppressReason::RetryAfter));
-    }
-
-    let retrying = retrying.get_or_insert_with(|| {
-        Box::new(Retrying {
-            next: None,
-            last: None,
-            rng: policy.rng(),
-            previous_delay: Duration::ZERO,
-        })
-    });
-    let planned = policy
-        .backoff
-        .delay(attempts, retrying.previous_delay, &mut retrying.rng);
-    let (delay, origin) = match after {
-        Some(after) if after >= planned => (after, BackoffSource::RetryAfter),
-        _ => (planned, BackoffSource::Policy),
-    };
-    if deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
-        return Err(Some(SuppressReason::Deadline));
-    }
-
-    let source = source.ok_or(Some(SuppressReason::NotReplayable))?;
-    let next = policy.replay.next(source).map_err(Some)?;
-    // Last, so that a token is spent only on a retry that is made.
-    if policy
-        .budget
-        .as_ref()
-        .is_some_and(|budget| !budget.withdraw())
-    {
-        return Err(Some(SuppressReason::Budget));
-    }
-    retrying.next = Some(next);
-    Ok((delay, origin, retrying))
-}
-
-/// Records and logs the end of a logical request that is not retried further.
-fn finish(
-    decision: Decision,
-    suppressed: Option<SuppressReason>,
-    attempts: u32,
-    observer: &Option<AttemptObserver>,
-) {
-    let reason = decision.reason().map_or("none", |reason| reason.as_str());
-    if let Some(suppressed) = suppressed {
-        tracing::debug!(attempt = attempts, reason, %suppressed, "not retrying request");
-        if let Some(observer) = observer {
-            observer.suppressed(suppressed);
-        }
-    }
-    if attempts > 1 && !decision.is_success() {
-        tracing::warn!(attempts, reason, "request failed after retries");
     }
 }
 

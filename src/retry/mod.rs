@@ -78,6 +78,7 @@ mod attempt;
 mod error;
 mod future;
 mod layer;
+mod plan;
 mod policy;
 mod replay;
 
